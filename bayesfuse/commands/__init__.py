@@ -1,0 +1,1 @@
+"""Subcommands of the ``bayesfuse`` command line (one module each)."""

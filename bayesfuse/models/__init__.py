@@ -1,0 +1,136 @@
+"""The model zoo: a registry of fusion methods that share one contract.
+
+Each ``bayesfuse/models/<module>.py`` exposes (DESIGN.md, "The model contract"):
+
+``Config``
+    a frozen dataclass of options and hyperparameters with working defaults;
+``fit(data, config=None, *, max_iter, tol, random_seed, progress, method)``
+    the closed-form solver (VB or EM), returning a
+    :class:`~bayesfuse.result.FusionResult` with the objective at every
+    iteration;
+``build_model(data, config=None, hyper="fixed", fixed=None)``
+    the declarative PyMC model with dims ``rater``, ``class``, ``x``, ``y``,
+    ``z`` (absent for rules such as majority vote: say so with
+    ``pymc=False`` in the registry);
+
+and, for the cross-check (``bayesfuse.crosscheck``) of models with a PyMC
+form:
+
+``fixed_from_result(result) -> dict``
+    the point-estimated hyperparameters to pin in ``build_model(hyper="fixed")``;
+``posterior_draws(result, n, region=None, random_seed=None) -> DataTree``
+    draws from q (or the EM posterior) with ``chain``/``draw`` dims and the
+    PyMC model's variable names and dims.
+
+One module may serve several registry names (``gaussian`` is ``robust-t``
+with tau fixed to 1): a :class:`ModelSpec` carries the Config overrides that
+make the difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: how to find and configure one fusion method.
+
+    Attributes
+    ----------
+    name : str
+        The method's name (``fuse(method=name)``, ``--method name``).
+    module : str
+        Dotted path of the implementing module, imported on first use.
+    summary : str
+        One line for ``bayesfuse models``.
+    input : {"binary", "labels", "probability", "any"}
+        What the method fuses; binary masks are accepted wherever
+        probabilities are (as degenerate probabilities).
+    pymc : bool
+        Whether the module has a PyMC model (``build_model``).
+    defaults : dict
+        Config overrides that define this name (e.g. ``likelihood="gaussian"``).
+    card : str
+        File name of the model card under ``models/``.
+    note : str
+        Anything a user should know from the listing (e.g. why no PyMC model).
+    """
+
+    name: str
+    module: str
+    summary: str
+    input: str = "any"
+    pymc: bool = True
+    defaults: dict = field(default_factory=dict)
+    card: str = ""
+    note: str = ""
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def config(self, **options: Any):
+        """The module's Config with this entry's defaults and the given options."""
+        mod = self.load()
+        cfg_cls = mod.Config
+        names = {f.name for f in dataclasses.fields(cfg_cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}")
+        try:
+            return cfg_cls(**{**self.defaults, **options})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.name}: {exc}") from None
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a method to the zoo (names are unique)."""
+    if spec.name in REGISTRY and REGISTRY[spec.name] != spec:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look a method up by name, with a helpful error."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))} (see `bayesfuse models`)") from None
+
+
+def list_models() -> list[ModelSpec]:
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+# --------------------------------------------------------------------------
+# The zoo. Each model module adds its own lines here when it lands.
+register(ModelSpec(
+    name="majority-vote",
+    module="bayesfuse.models.baselines",
+    summary="Majority vote of hard labels, ties broken by an explicit rule",
+    input="labels",
+    pymc=False,
+    defaults={"rule": "majority-vote"},
+    card="baselines.md",
+    note="a deterministic rule: no generative model, so no PyMC form",
+))
+register(ModelSpec(
+    name="mean",
+    module="bayesfuse.models.baselines",
+    summary="Voxel-wise mean of the raters' probability maps",
+    input="any",
+    pymc=False,
+    defaults={"rule": "mean"},
+    card="baselines.md",
+    note="a deterministic rule: no generative model, so no PyMC form",
+))
