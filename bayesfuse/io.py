@@ -167,17 +167,19 @@ def load_raters(
 
     arrays: list[np.ndarray] = []
     names: list[str] = []
+    sources: list[str] = []
     checksums: dict[str, str] = {}
     ref_aff = None
     ref_src = None
     for p in paths:
+        src = str(p)  # the path as the user gave it, for messages
         arr, aff = read_image(p, invert=invert)
         checksums[p.name] = file_checksum(p)
         if aff is not None:
             if ref_aff is None:
-                ref_aff, ref_src = aff, p.name
+                ref_aff, ref_src = aff, src
             elif not _affines_agree(aff, ref_aff):
-                raise InputError(p.name, f"{_fmt_affine_diff(aff, ref_aff)} from {ref_src}'s; the raters must share one grid")
+                raise InputError(src, f"{_fmt_affine_diff(aff, ref_aff)} from {ref_src}'s; the raters must share one grid")
         if len(paths) == 1:
             # One file holds every rater on its last axis.
             is_nifti = _suffix(p) in NIFTI_SUFFIXES
@@ -185,27 +187,32 @@ def load_raters(
                 for r in range(arr.shape[-1]):
                     arrays.append(np.ascontiguousarray(arr[..., r]))
                     names.append(f"{p.name}[{r}]")
+                    sources.append(f"{src}[{r}]")
                 continue
         arrays.append(arr)
         names.append(p.name)
+        sources.append(src)
 
     if len(set(names)) != len(names):
-        # Same file name in different folders (e.g. <rater>/seg_B01.png).
-        names = [str(p) for p in paths] if len(paths) == len(names) else names
+        # Same file name in different folders (e.g. <rater>/seg_B01.png): the
+        # rater is named by its folder and file.
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+        if len(set(names)) != len(names):
+            names = [str(p) for p in paths]
 
     img_arr = None
     if image is not None:
         img_arr, img_aff = read_image(image)
         img_arr = img_arr.astype(np.float32)
         if img_aff is not None and ref_aff is not None and not _affines_agree(img_aff, ref_aff):
-            raise InputError(Path(image).name, f"{_fmt_affine_diff(img_aff, ref_aff)} from {ref_src}'s; the image must share the raters' grid")
+            raise InputError(str(image), f"{_fmt_affine_diff(img_aff, ref_aff)} from {ref_src}'s; the image must share the raters' grid")
         if img_arr.shape != arrays[0].shape[: img_arr.ndim] or img_arr.ndim not in (2, 3):
-            raise InputError(Path(image).name, f"shape {img_arr.shape} differs from the raters' {arrays[0].shape}")
+            raise InputError(str(image), f"shape {img_arr.shape} differs from the raters' {arrays[0].shape}")
     mask_arr = None
     if mask is not None:
         mask_arr, m_aff = read_image(mask)
         if m_aff is not None and ref_aff is not None and not _affines_agree(m_aff, ref_aff):
-            raise InputError(Path(mask).name, f"{_fmt_affine_diff(m_aff, ref_aff)} from {ref_src}'s; the mask must share the raters' grid")
+            raise InputError(str(mask), f"{_fmt_affine_diff(m_aff, ref_aff)} from {ref_src}'s; the mask must share the raters' grid")
 
     try:
         # NIfTI files carry their geometry; other formats take ``spacing``
@@ -219,16 +226,16 @@ def load_raters(
             image=img_arr,
             mask=mask_arr,
             names=names,
-            sources=[Path(n).name if "/" in n else n for n in names],
+            sources=sources,
             checksums=checksums,
             min_raters=min_raters,
         )
     except InputError as e:
         # The mask is validated inside from_arrays as "mask": name the file.
         if e.source == "mask" and mask is not None:
-            raise InputError(Path(mask).name, e.problem) from None
+            raise InputError(str(mask), e.problem) from None
         if e.source == "image" and image is not None:
-            raise InputError(Path(image).name, e.problem) from None
+            raise InputError(str(image), e.problem) from None
         raise
 
 
