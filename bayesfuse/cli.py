@@ -18,7 +18,7 @@ from .errors import ConfigError, InputError, OutputExistsError
 
 #: Subcommands, in the order ``--help`` lists them. A module that has not
 #: landed yet is skipped.
-COMMANDS = ("fuse", "models", "demo", "check", "report", "batch", "compare")
+COMMANDS = ("fuse", "models", "demo", "check", "report", "batch", "compare", "datasets")
 
 
 def build_parser() -> argparse.ArgumentParser:
