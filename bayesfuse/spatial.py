@@ -1,0 +1,252 @@
+"""Separable Gaussian bases on a regular grid, with Kronecker algebra.
+
+The robust model's spatial prior (``models/robust_t.md``, section "Spatial
+prior") writes the consensus as T~[n] ~ N(W Phi_n, Sigma_T I) with L Gaussian
+bases centred on a regular (staggered) grid. On a regular grid of voxels the
+bases are separable,
+
+    Phi = Phi_1 (x) Phi_2 (x) ... (x) Phi_d      (N x L, never formed)
+
+with one small matrix Phi_a (n_a x L_a) per axis, so everything the VB needs
+reduces to per-axis work:
+
+- ``Phi' x`` and ``Phi w``: mode products (one ``tensordot`` per axis);
+- ``Phi' Phi = (x)_a G_a`` with ``G_a = Phi_a' Phi_a = U_a diag(g_a) U_a'``, so
+  ``Phi' Phi = U diag(g) U'`` with ``U = (x)_a U_a`` and ``g = (x)_a g_a``;
+- ``S_W = (Phi' Phi / Sigma_T + alpha I)^-1 = U diag(1 / (g / Sigma_T + alpha)) U'``,
+  hence ``Tr S_W``, ``log|S_W|`` and
+  ``sum_n Phi_n' S_W Phi_n = Tr(S_W Phi' Phi)`` are sums over the L
+  eigenvalues, and ``mu_W = S_W Phi' mu_T / Sigma_T`` is two rotations and a
+  scaling.
+
+Nothing of size N x L or L x L is formed (except by :meth:`KroneckerBasis.dense`,
+which exists for tests on tiny grids and refuses large ones).
+
+Geometry: positions along axis a are ``i * step_a`` (``step_a`` = 1 in voxel
+units, the voxel size in mm in mm units); centres are
+``origin_a + j * spacing_a`` for every integer j with the centre in
+``(-spacing_a / 2, extent_a + spacing_a / 2]``, so every voxel lies within half
+a spacing of a centre whatever the origin; a basis is
+``exp(-(x - c)^2 / (2 width_a^2))``. Defaults: width = spacing, origin =
+spacing / 2 (the staggered grid: centres half-way between the spacing's
+multiples).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+#: :meth:`KroneckerBasis.dense` refuses more entries than this.
+DENSE_LIMIT = 2_000_000
+
+
+def _per_axis(value, ndim: int, name: str) -> tuple[float, ...]:
+    if value is None:
+        return (None,) * ndim  # type: ignore[return-value]
+    if np.ndim(value) == 0:
+        return (float(value),) * ndim
+    vals = tuple(float(v) for v in value)
+    if len(vals) != ndim:
+        raise ValueError(f"{name} needs one value or {ndim} (one per axis), got {len(vals)}")
+    return vals
+
+
+def basis_1d(n: int, spacing: float, width: float | None = None, origin: float | None = None, step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian bases along one axis.
+
+    Parameters
+    ----------
+    n : int
+        Number of voxels along the axis.
+    spacing : float
+        Distance between centres (same units as ``step``).
+    width : float, optional
+        Standard deviation of each Gaussian; default ``spacing``.
+    origin : float, optional
+        Position of the centre with index 0; default ``spacing / 2``.
+    step : float
+        Distance between voxel centres (1 for voxel units, the voxel size for mm).
+
+    Returns
+    -------
+    Phi : ndarray (n, L)
+    centres : ndarray (L,)
+    """
+    if not spacing > 0:
+        raise ValueError(f"basis spacing must be positive, got {spacing}")
+    width = spacing if width is None else float(width)
+    if not width > 0:
+        raise ValueError(f"basis width must be positive, got {width}")
+    origin = spacing / 2 if origin is None else float(origin)
+    extent = (n - 1) * step
+    # centres in (-spacing / 2, extent + spacing / 2]
+    j0 = math.floor((-spacing / 2 - origin) / spacing + 1e-9) + 1
+    j1 = math.floor((extent + spacing / 2 - origin) / spacing + 1e-9)
+    centres = origin + spacing * np.arange(j0, j1 + 1)
+    x = step * np.arange(n)
+    Phi = np.exp(-0.5 * ((x[:, None] - centres[None, :]) / width) ** 2)
+    return Phi, centres
+
+
+def mode_product(x: np.ndarray, mats: Sequence[np.ndarray | None], transpose: bool = False) -> np.ndarray:
+    """Multiply the trailing ``len(mats)`` axes of ``x`` by one matrix each.
+
+    ``y = x x_1 M_1 x_2 M_2 ...``: axis a of size ``M_a.shape[1]`` becomes
+    ``M_a.shape[0]`` (``M_a @`` along that axis), or with ``transpose`` axis a
+    of size ``M_a.shape[0]`` becomes ``M_a.shape[1]`` (``M_a' @``). A ``None``
+    leaves its axis alone. Leading axes (e.g. classes) are batch axes.
+
+    A float32 ``x`` is contracted in float32 on its first product (the
+    largest, one pass over the volume without a float64 copy) and in float64
+    afterwards.
+    """
+    d = len(mats)
+    lead = x.ndim - d
+    y = x
+    for a in range(d - 1, -1, -1):
+        M = mats[a]
+        if M is None:
+            continue
+        M = M if transpose else M.T  # contract over M's rows
+        if y.dtype == np.float32:
+            M = M.astype(np.float32)
+        y = np.moveaxis(np.tensordot(y, M, axes=([lead + a], [0])), -1, lead + a)
+        if y.dtype == np.float32:
+            y = y.astype(np.float64)
+    return y
+
+
+@dataclass(frozen=True)
+class KroneckerBasis:
+    """Separable Gaussian bases on a regular grid (see the module docstring).
+
+    Build with :meth:`create`. Attributes hold the per-axis matrices ``Phi``
+    (n_a x L_a), the eigenvalues ``g`` and eigenvectors ``U`` of
+    ``G_a = Phi_a' Phi_a``, and the centres.
+    """
+
+    shape: tuple[int, ...]
+    Phi: tuple[np.ndarray, ...]
+    centres: tuple[np.ndarray, ...]
+    g: tuple[np.ndarray, ...]
+    U: tuple[np.ndarray, ...]
+
+    @classmethod
+    def create(
+        cls,
+        shape: Sequence[int],
+        spacing: float | Sequence[float] = 4.0,
+        width: float | Sequence[float] | None = None,
+        origin: float | Sequence[float] | None = None,
+        voxel_size: Sequence[float] | None = None,
+        units: str = "voxel",
+    ) -> "KroneckerBasis":
+        """Bases for a grid of ``shape``.
+
+        Parameters
+        ----------
+        shape : sequence of int
+            The grid (spatial shape).
+        spacing, width, origin : float or one per axis
+            In ``units``. Defaults: width = spacing, origin = spacing / 2.
+        voxel_size : sequence of float, optional
+            Voxel size in mm per axis (for ``units="mm"``).
+        units : {"voxel", "mm"}
+        """
+        shape = tuple(int(s) for s in shape)
+        nd = len(shape)
+        if units not in ("voxel", "mm"):
+            raise ValueError(f"basis units must be 'voxel' or 'mm', not {units!r}")
+        steps = (1.0,) * nd if units == "voxel" else _per_axis(voxel_size if voxel_size is not None else 1.0, nd, "voxel_size")
+        sp, wd, og = _per_axis(spacing, nd, "spacing"), _per_axis(width, nd, "width"), _per_axis(origin, nd, "origin")
+        phis, cents, gs, us = [], [], [], []
+        for a in range(nd):
+            Phi, c = basis_1d(shape[a], sp[a], wd[a], og[a], steps[a])
+            g, U = np.linalg.eigh(Phi.T @ Phi)
+            phis.append(Phi)
+            cents.append(c)
+            gs.append(np.clip(g, 0.0, None))  # eigh may return -1e-17 for a PSD Gram matrix
+            us.append(U)
+        return cls(shape, tuple(phis), tuple(cents), tuple(gs), tuple(us))
+
+    # --------------------------------------------------------------- sizes
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def basis_shape(self) -> tuple[int, ...]:
+        return tuple(p.shape[1] for p in self.Phi)
+
+    @property
+    def n_basis(self) -> int:
+        """L, the number of bases."""
+        return int(np.prod(self.basis_shape))
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+    # ------------------------------------------------------------ products
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """Phi' x: (..., *shape) -> (..., *basis_shape), float64."""
+        return mode_product(x, self.Phi, transpose=True)
+
+    def expand(self, w: np.ndarray) -> np.ndarray:
+        """Phi w: (..., *basis_shape) -> (..., *shape), float64."""
+        return mode_product(np.asarray(w, dtype=np.float64), self.Phi)
+
+    def rotate(self, w: np.ndarray) -> np.ndarray:
+        """U' w: coordinates in the eigenbasis of Phi' Phi."""
+        return mode_product(np.asarray(w, dtype=np.float64), self.U, transpose=True)
+
+    def unrotate(self, v: np.ndarray) -> np.ndarray:
+        """U v: back from the eigenbasis."""
+        return mode_product(np.asarray(v, dtype=np.float64), self.U)
+
+    def gram_eigenvalues(self) -> np.ndarray:
+        """g = (x)_a g_a, the eigenvalues of Phi' Phi, shaped ``basis_shape``."""
+        out = np.ones(())
+        for g in self.g:
+            out = np.multiply.outer(out, g)
+        return out
+
+    # --------------------------------------------------------- the W block
+    def posterior(self, z: np.ndarray, alpha: float, sigma_T: float) -> tuple[np.ndarray, np.ndarray]:
+        """q(W) given z = Phi' mu_T (one row per class), alpha and Sigma_T.
+
+        Returns mu_W (same shape as z) and the eigenvalues s of
+        S_W = U diag(s) U' (``basis_shape``), s = 1 / (g / Sigma_T + alpha).
+
+        References
+        ----------
+        models/robust_t.md (eq:qW)
+        """
+        g = self.gram_eigenvalues()
+        s = 1.0 / (g / sigma_T + alpha)
+        mu_W = self.unrotate(self.rotate(z) * (s / sigma_T))
+        return mu_W, s
+
+    def quad_gram(self, w: np.ndarray) -> float:
+        """sum over leading axes of w' Phi' Phi w = sum g (U' w)^2."""
+        v = self.rotate(w)
+        return float(np.sum(self.gram_eigenvalues() * v * v))
+
+    def dense(self) -> np.ndarray:
+        """Phi as an N x L matrix (C order over axes): tests on tiny grids only."""
+        if self.n_voxels * self.n_basis > DENSE_LIMIT:
+            raise MemoryError(f"refusing to form a dense {self.n_voxels} x {self.n_basis} basis matrix")
+        out = np.ones((1, 1))
+        for P in self.Phi:
+            out = np.kron(out, P)
+        return out
+
+    def sample(self, mu_W: np.ndarray, s: np.ndarray, rng: np.random.Generator, n: int | None = None) -> np.ndarray:
+        """Draws W ~ N(mu_W, U diag(s) U'), (n, *mu_W.shape) or one draw when n is None."""
+        shape = mu_W.shape if n is None else (n,) + mu_W.shape
+        eps = rng.standard_normal(shape)
+        return mu_W + self.unrotate(eps * np.sqrt(s))
