@@ -316,7 +316,7 @@ class FusionResult:
             write_tree(self.tree, stage / "result.nc")
             if "maps" in self.tree.children:
                 for v, da in self.tree["maps"].data_vars.items():
-                    io.write_nifti(stage / f"{v}.nii.gz", _spatial_last(da, sdims), aff, spatial_ndim=len(sdims), description=f"bayesfuse {self.method} {v}")
+                    io.write_nifti(stage / f"{v}.nii.gz", _spatial_last(da, sdims), aff, spatial_ndim=len(sdims), description=str(da.attrs.get("description", f"bayesfuse {self.method} {v}")))
             written = []
             for n in names:
                 os.replace(stage / n, out / n)

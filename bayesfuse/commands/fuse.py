@@ -25,6 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--report", action="store_true", help="also write DIR/report.html")
+    p.add_argument("--interval-mass", type=float, default=0.9, metavar="M",
+                   help="mass of the central credible interval written as consensus_lo/consensus_hi (default 0.9)")
     add_input_options(p)
     add_to_prob_options(p)
     add_solver_options(p)
@@ -60,7 +62,10 @@ def run(args) -> int:
     spec = get_model(args.method)
     options = parse_pairs(args.opt, "--opt")
     config = spec.config(**options)
-    check_out_dir(args.out, list(CORE_OUTPUTS), args.force)
+    from ..summaries import attach, check_mass
+
+    check_mass(args.interval_mass)
+    check_out_dir(args.out, list(CORE_OUTPUTS) + (["report.html"] if args.report else []), args.force)
     t0 = time.perf_counter()
     data = load_input(args)
     data = api.convert(data, args.to_prob, **parse_pairs(args.prob_opt, "--prob-opt"))
@@ -70,10 +75,13 @@ def run(args) -> int:
     if args.tol is not None:
         kwargs["tol"] = args.tol
     result = spec.load().fit(data, config, **kwargs)
+    # Per-voxel posterior summaries (sd, interval, entropy) go beside the consensus.
+    result = attach(result, args.interval_mass, random_seed=args.seed if args.seed is not None else 0)
+    from .. import report
+
+    report.stamp(result, " ".join(sys.argv))
     written = result.save(args.out, force=args.force)
     if args.report:
-        from .. import report
-
         written.append(report.write_report(result, args.out, data=data, command=" ".join(sys.argv), force=args.force))
     if not args.quiet:
         dt = time.perf_counter() - t0
