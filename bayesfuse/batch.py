@@ -64,6 +64,17 @@ STAGE_PREFIX, OLD_PREFIX = ".stage-", ".old-"
 LOCK_FILE = ".bayesfuse-batch.lock"
 #: Fraction of the machine's memory that a local cluster's workers share.
 MEMORY_FRACTION = 0.8
+#: Preload (script text) of a local cluster's workers. Ctrl-C in a terminal
+#: reaches every process of the group: the workers leave it to the driver,
+#: which cancels the run and closes the cluster, instead of each dying with
+#: a traceback.
+WORKER_PRELOAD = """
+import signal
+
+
+def dask_setup(worker):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+"""
 
 
 @dataclass(frozen=True)
@@ -179,13 +190,19 @@ def rater_estimates(result) -> dict[str, float]:
     return out
 
 
-def reference_dice(result, subject: Subject, invert: bool = False) -> float:
-    """Dice of the consensus labels against the subject's reference."""
+def reference_dice(result, subject: Subject, roi=None, invert: bool = False) -> float:
+    """Dice of the consensus labels against the subject's reference, within ``roi``.
+
+    For K > 2 classes: the mean over the foreground classes 1..K-1 of each
+    class's Dice (an absent class in both counts as 1, as in
+    :func:`bayesfuse.metrics.dice`).
+    """
     from . import metrics
 
     labels = result.labels.values
     ref = subject.load_reference(labels.shape, invert=invert)
-    return float(metrics.dice(labels, ref))
+    k = max(result.n_classes, int(ref.max()) + 1)
+    return float(sum(metrics.dice(labels == c, ref == c, roi=roi) for c in range(1, k)) / (k - 1))
 
 
 def fuse_subject(subject: Subject, out_dir: str | os.PathLike, spec, settings: Settings, *,
@@ -224,10 +241,16 @@ def fuse_subject(subject: Subject, out_dir: str | os.PathLike, spec, settings: S
         if settings.tol is not None:
             kwargs["tol"] = settings.tol
         result = spec.load().fit(data, settings.config, **kwargs)
-        dice = reference_dice(result, subject, settings.invert) if subject.reference is not None else math.nan
+        dice = reference_dice(result, subject, data.roi(), settings.invert) if subject.reference is not None else math.nan
         stage = out / f"{STAGE_PREFIX}{subject.id}-{uuid.uuid4().hex[:8]}"
         stage.mkdir()
-        written = result.save(stage)
+        import dask
+
+        # Inside a Dask worker, xarray would guard the NetCDF write with a
+        # cluster-wide lock held by the scheduler, serialising every
+        # subject's write; the arrays are in memory, a local lock is enough.
+        with dask.config.set(scheduler="sync"):
+            written = result.save(stage)
         row = {
             "subject": subject.id,
             "status": "done",
@@ -289,7 +312,7 @@ def summary_frame(rows: Sequence[dict]) -> pd.DataFrame:
     df["converged"] = df["converged"].astype("boolean")
     df["seconds"] = pd.to_numeric(df["seconds"]).astype(float)
     df["dice"] = pd.to_numeric(df["dice"]).astype(float)
-    df["error"] = df["error"].fillna("").astype(str)
+    df["error"] = [e if isinstance(e, str) else "" for e in df["error"]]
     return df.set_index("subject")
 
 
@@ -351,7 +374,7 @@ def open_client(client=None, scheduler: str | None = None, n_workers: int | None
     env = {"OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t, "MKL_NUM_THREADS": t, "NUMBA_NUM_THREADS": t}
     with _quiet_dask(), LocalCluster(host="127.0.0.1", n_workers=n, threads_per_worker=threads_per_worker,
                                      processes=True, dashboard_address=None, memory_limit=memory_limit,
-                                     env=env) as cluster, Client(cluster) as c:
+                                     env=env, preload=[WORKER_PRELOAD]) as cluster, Client(cluster) as c:
         yield c
 
 
@@ -452,7 +475,6 @@ def run_batch(
         Before any work, for a bad manifest, method or option. Errors of
         single subjects do not raise: see the ``status`` and ``error`` columns.
     """
-    from . import progress as _progress
     from .api import TO_PROB
     from .models import get_model
 
@@ -481,26 +503,43 @@ def run_batch(
     with _lock(out):
         _clean_leftovers(out)
         n_local = min(n_workers or default_workers(threads_per_worker), len(study))
-        with open_client(client, scheduler, n_local, threads_per_worker, memory_limit) as c:
-            from dask.distributed import as_completed
-
-            futures = {
-                c.submit(fuse_subject, s, str(out), spec, settings, force=force, run_id=run_id,
-                         key=f"bayesfuse-{s.id}-{run_id[:8]}", pure=False): s.id
-                for s in study
-            }
-            try:
-                with _progress.bar(f"batch {method}", total=len(study), progress=progress) as bar:
-                    for fut in as_completed(futures):
-                        sid = futures[fut]
-                        try:
-                            rows[sid] = fut.result()
-                        except Exception as exc:  # the worker died (memory?) or the task was lost
-                            rows[sid] = {"subject": sid, "status": "failed", "error": f"the worker running it died or was lost ({one_line(exc)})"}
-                        write_summary(out, [rows[s] for s in order])
-                        bar.advance(info=f"{sid}: {rows[sid]['status']}")
-            except BaseException:
-                c.cancel(list(futures))
-                write_summary(out, [rows[s] for s in order])
-                raise
+        try:
+            with open_client(client, scheduler, n_local, threads_per_worker, memory_limit) as c:
+                _run_on(c, study, out, spec, settings, force, run_id, rows, progress)
+        except BaseException:
+            # Interrupted: once the cluster is closed (no worker can still
+            # publish), the summary tells which subjects this run finished.
+            for sid in order:
+                rec = read_record(out / sid) if rows[sid]["status"] == "pending" else None
+                if rec is not None and rec.get("run_id") == run_id:
+                    rows[sid] = rec["summary"]
+            write_summary(out, [rows[s] for s in order])
+            raise
     return write_summary(out, [rows[s] for s in order])
+
+
+def _run_on(client, study: Manifest, out: Path, spec, settings: Settings, force: bool, run_id: str,
+            rows: dict[str, dict], progress: bool | None) -> None:
+    """Submit one task per subject and collect the rows as they finish."""
+    from dask.distributed import as_completed
+
+    from . import progress as _progress
+
+    futures = {
+        client.submit(fuse_subject, s, str(out), spec, settings, force=force, run_id=run_id,
+                      key=f"bayesfuse-{s.id}-{run_id[:8]}", pure=False): s.id
+        for s in study
+    }
+    try:
+        with _progress.bar(f"batch {settings.method}", total=len(study), progress=progress) as bar:
+            for fut in as_completed(futures):
+                sid = futures[fut]
+                try:
+                    rows[sid] = fut.result()
+                except Exception as exc:  # the worker died (memory?) or the task was lost
+                    rows[sid] = {"subject": sid, "status": "failed", "error": f"the worker running it died or was lost ({one_line(exc)})"}
+                write_summary(out, [rows[s] for s in study.ids])
+                bar.advance(info=f"{sid}: {rows[sid]['status']}")
+    except BaseException:
+        client.cancel(list(futures))
+        raise

@@ -11,10 +11,11 @@ A CSV manifest, one row per subject::
 - ``subject`` (required): the subject's id, also the name of its output
   folder, so it must be a plain file name;
 - rater columns (at least one): every column whose name starts with
-  ``rater`` (``rater1``, ``rater_alice``, or a single ``raters`` column
-  holding one 4-D file); the column name is the rater's name, so that the
-  same rater keeps one name across subjects; an empty cell means that this
-  rater did not segment this subject;
+  ``rater`` (``rater1``, ``rater_alice``, ``rater:alice``, or a single
+  ``raters`` column holding one 4-D file); the column name is the rater's
+  name (``rater:alice`` names the rater ``alice``), so that the same rater
+  keeps one name across subjects; an empty cell means that this rater did
+  not segment this subject;
 - optional ``image``, ``mask`` (or ``roi``) and ``reference`` (or ``truth``);
 - any other column is kept as text in :attr:`Subject.meta` (age, site, ...);
 - relative paths are relative to the CSV's folder; rows whose subject starts
@@ -124,7 +125,7 @@ class Subject:
         if self.reference is None:
             raise InputError(self.id, "no reference segmentation given")
         arr, _ = read_image(self.reference, invert=invert)
-        name = self.reference.name
+        name = str(self.reference)
         if tuple(arr.shape) != tuple(shape):
             raise InputError(name, f"reference shape {tuple(arr.shape)} differs from the raters' {tuple(shape)}")
         kind, arr = classify_values(arr, name)
@@ -177,7 +178,7 @@ class Manifest:
         rows = []
         for s in self.subjects:
             row = {"subject": s.id}
-            row.update({n: str(p) for n, p in zip(s.rater_names, s.raters)})
+            row.update({_rater_column(n): str(p) for n, p in zip(s.rater_names, s.raters)})
             row.update({role: str(getattr(s, role)) for role in ROLE_COLUMNS if getattr(s, role) is not None})
             row.update(s.meta)
             rows.append(row)
@@ -252,6 +253,10 @@ def read_csv(path: str | os.PathLike) -> Manifest:
     rater_cols = [i for i, h in enumerate(lower) if h.startswith("rater")]
     if not rater_cols:
         raise InputError(path.name, f"no rater column (columns named rater1, rater2, ... or raters; found: {', '.join(header)})")
+    rnames = [_rater_name(header[i]) for i in rater_cols]
+    dup = sorted({n for n in rnames if rnames.count(n) > 1})
+    if dup:
+        raise InputError(path.name, f"several columns name rater(s) {', '.join(dup)}")
     role_col: dict[str, int] = {}
     for role, names in ROLE_COLUMNS.items():
         found = [i for i, h in enumerate(lower) if h in names]
@@ -273,7 +278,7 @@ def read_csv(path: str | os.PathLike) -> Manifest:
         if sid.startswith("#"):
             continue
         check_subject_id(sid, where)
-        names = [header[i] for i in rater_cols if cells[i]]
+        names = [_rater_name(header[i]) for i in rater_cols if cells[i]]
         files = [_resolve(base, cells[i]) for i in rater_cols if cells[i]]
         if not files:
             raise InputError(where, f"subject {sid!r} lists no rater file")
@@ -285,6 +290,15 @@ def read_csv(path: str | os.PathLike) -> Manifest:
         raise InputError(path.name, "the manifest lists no subject")
     _check_unique(ids)
     return Manifest(source=path, subjects=tuple(subjects))
+
+
+def _rater_name(column: str) -> str:
+    return column[len("rater:"):].strip() if column.lower().startswith("rater:") else column
+
+
+def _rater_column(name: str) -> str:
+    """The CSV column of a rater: its name if that starts with "rater", else ``rater:<name>``."""
+    return name if name.lower().startswith("rater") else f"rater:{name}"
 
 
 def _resolve(base: Path, cell: str) -> Path:
