@@ -261,7 +261,7 @@ class FusionResult:
         from .models import get_model
 
         spec = get_model(self.method)
-        fn = getattr(spec.module, "posterior_draws", None)
+        fn = getattr(spec.load(), "posterior_draws", None)
         if fn is None:
             raise NotImplementedError(f"{self.method} has no posterior to draw from (it is a point estimate)")
         return fn(self, n=n, region=region, random_seed=random_seed)
