@@ -79,10 +79,11 @@ def run(args) -> int:
     result = attach(result, args.interval_mass, random_seed=args.seed if args.seed is not None else 0)
     from .. import report
 
-    report.stamp(result, " ".join(sys.argv))
+    command = getattr(args, "command_line", " ".join(sys.argv))
+    report.stamp(result, command)
     written = result.save(args.out, force=args.force)
     if args.report:
-        written.append(report.write_report(result, args.out, data=data, command=" ".join(sys.argv), force=args.force))
+        written.append(report.write_report(result, args.out, data=data, command=command, force=args.force))
     if not args.quiet:
         dt = time.perf_counter() - t0
         it = f", {result.n_iter} iterations" if result.n_iter else ""
