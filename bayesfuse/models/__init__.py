@@ -134,3 +134,12 @@ register(ModelSpec(
     card="baselines.md",
     note="a deterministic rule: no generative model, so no PyMC form",
 ))
+register(ModelSpec(
+    name="pstaple",
+    module="bayesfuse.models.pstaple",
+    summary="PSTAPLE: STAPLE for probability maps (soft evidence), Potts MRF of strength mrf_beta",
+    input="any",
+    pymc=True,
+    card="pstaple.md",
+    note="PyMC form only with the MRF off (mrf_beta=0): the Potts prior's partition function is intractable and NUTS cannot sample discrete labels",
+))
