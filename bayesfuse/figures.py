@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -123,7 +123,7 @@ class Row:
 
     label: str
     volume: np.ndarray
-    cmap: str = "viridis"
+    cmap: Any = "viridis"
     vmin: float | None = None
     vmax: float | None = None
     image: bool = False  # draw as the grey intensity image with the contours on top
@@ -142,6 +142,8 @@ def slice_grid(
 ):
     """A grid of orthogonal sections: one row per volume, one column per plane.
 
+    A 2-D image has a single plane: its rows are then laid side by side.
+
     Parameters
     ----------
     rows : sequence of Row
@@ -158,27 +160,31 @@ def slice_grid(
     """
     plt = _plt()
     pls = planes(len(spacing))
-    ncol = len(pls)
-    widths = []
+    aspect = []
     for p in pls:
         w = (box[p.horizontal].stop - box[p.horizontal].start) * spacing[p.horizontal]
         h = (box[p.vertical].stop - box[p.vertical].start) * spacing[p.vertical]
-        widths.append(w / max(h, 1e-9))
+        aspect.append(w / max(h, 1e-9))
     panel_h = 2.6
-    fig_w = panel_h * sum(widths) + 1.6
-    fig, axes = plt.subplots(
-        len(rows), ncol + 1, figsize=(fig_w, panel_h * len(rows) + 0.6 * bool(title)),
-        gridspec_kw={"width_ratios": [*widths, 0.06]}, squeeze=False,
-    )
-    for r, row in enumerate(rows):
+    side_by_side = len(pls) == 1
+    if side_by_side:
+        # one row of panels, each followed by its colour bar
+        ratios = [a for _ in rows for a in (aspect[0], 0.06)]
+        fig, grid = plt.subplots(1, 2 * len(rows), figsize=(panel_h * aspect[0] * len(rows) + 1.2 * len(rows), panel_h + 0.6 * bool(title)),
+                                 gridspec_kw={"width_ratios": ratios}, squeeze=False)
+        slots = [([grid[0, 2 * r]], grid[0, 2 * r + 1]) for r in range(len(rows))]
+    else:
+        fig, grid = plt.subplots(len(rows), len(pls) + 1, figsize=(panel_h * sum(aspect) + 1.6, panel_h * len(rows) + 0.6 * bool(title)),
+                                 gridspec_kw={"width_ratios": [*aspect, 0.06]}, squeeze=False)
+        slots = [(list(grid[r, :-1]), grid[r, -1]) for r in range(len(rows))]
+    for r, (row, (axes, cax)) in enumerate(zip(rows, slots)):
         vol = np.asarray(row.volume, dtype=np.float32)
         vmin = row.vmin if row.vmin is not None else float(np.nanmin(vol))
         vmax = row.vmax if row.vmax is not None else float(np.nanmax(vol))
         if vmax <= vmin:
             vmax = vmin + 1e-6
         im = None
-        for c, p in enumerate(pls):
-            ax = axes[r, c]
+        for c, (p, ax) in enumerate(zip(pls, axes)):
             ext = _extent(p, box, spacing)
             im = ax.imshow(cut(vol, p, centre, box), cmap="gray" if row.image else row.cmap, vmin=vmin, vmax=vmax,
                            origin="lower", extent=ext, interpolation="nearest")
@@ -192,17 +198,19 @@ def slice_grid(
                                extent=ext, origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
-                fixed = "" if p.fixed is None else f" {'xyz'[p.fixed]} = {centre[p.fixed]}"
-                ax.set_title(f"{p.name}{fixed}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(row.label, fontsize=9)
-        cax = axes[r, ncol]
+            if side_by_side:
+                ax.set_title(row.label, fontsize=9)
+            else:
+                if r == 0:
+                    fixed = "" if p.fixed is None else f" {'xyz'[p.fixed]} = {centre[p.fixed]}"
+                    ax.set_title(f"{p.name}{fixed}", fontsize=9)
+                if c == 0:
+                    ax.set_ylabel(row.label, fontsize=9)
         if row.image:
             cax.set_axis_off()
             if contours:
                 handles = [plt.Line2D([], [], color="red" if lab == "consensus" else RATER_COLOURS[(i - 1) % len(RATER_COLOURS)],
-                                      lw=1.6 if lab == "consensus" else 0.9, label=lab) for i, (lab, _) in enumerate(contours)]
+                                      lw=1.6 if lab == "consensus" else 0.9, label=_short(lab, 18)) for i, (lab, _) in enumerate(contours)]
                 cax.legend(handles=handles, loc="center left", fontsize=7, frameon=False, bbox_to_anchor=(0, 0.5))
         else:
             cb = fig.colorbar(im, cax=cax)
@@ -213,6 +221,17 @@ def slice_grid(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def label_cmap(k: int):
+    """A discrete colour map of K classes (use with vmin=-0.5, vmax=K-0.5)."""
+    from matplotlib.colors import ListedColormap
+
+    _plt()
+    import matplotlib
+
+    base = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+    return ListedColormap([base(i % base.N) for i in range(k)], name=f"labels{k}")
 
 
 # --------------------------------------------------------------- rater plots

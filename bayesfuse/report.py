@@ -245,7 +245,7 @@ def _slices_section(result, data, image, spacing, prob, fg, maps, mass) -> str:
     if k == 2:
         rows.append(figures.Row("consensus p", fg, cmap="magma", vmin=0, vmax=1, colorbar="probability"))
     else:
-        rows.append(figures.Row("labels", result.labels.transpose(*sdims).values, cmap="tab10", vmin=0, vmax=9, colorbar="class"))
+        rows.append(figures.Row("labels", result.labels.transpose(*sdims).values, cmap=figures.label_cmap(k), vmin=-0.5, vmax=k - 0.5, colorbar="class"))
         rows.append(figures.Row("max_k p", prob.max(axis=-1), cmap="magma", vmin=0, vmax=1, colorbar="probability"))
     which = "" if k == 2 else " (max over classes)"
     if "consensus_sd" in maps:
@@ -259,10 +259,14 @@ def _slices_section(result, data, image, spacing, prob, fg, maps, mass) -> str:
         rows.append(figures.Row("entropy", maps["entropy"].transpose(*sdims).values, cmap="inferno", vmin=0, vmax=float(np.log(k)), colorbar="nats"))
     fig = figures.slice_grid(rows, centre, box, spacing, outline=fg if k == 2 else None, contours=contours)
     quantity = maps["consensus_sd"].attrs.get("quantity", "") if "consensus_sd" in maps else ""
-    cap = (f"Orthogonal sections through the consensus' centre of mass (voxel {tuple(int(c) for c in centre)}), "
-           f"cropped to the structure with a margin; millimetre proportions. ")
+    if len(sdims) == 3:
+        cap = (f"Orthogonal sections through the consensus' centre of mass (voxel {tuple(int(c) for c in centre)}), "
+               f"cropped to the structure with a margin; millimetre proportions. ")
+    else:
+        cap = "The image plane, cropped to the structure with a margin; millimetre proportions. "
     if image is not None:
-        cap += "Top row: the image, with the consensus' 0.5 contour in red" + (" and each rater's in colour" if len(contours) > 1 else "") + ". "
+        cap += (("Top row" if len(sdims) == 3 else "First panel") + ": the image, with the consensus' 0.5 contour in red"
+                + (" and each rater's in colour" if len(contours) > 1 else "") + ". ")
     if quantity:
         cap += (f"The sd and the {100 * mass:g}% central credible interval are about {_esc(quantity)}. ")
     cap += "The white line marks the consensus' 0.5 level." if k == 2 else ""
