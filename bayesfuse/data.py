@@ -365,7 +365,8 @@ class RaterMaps:
     def checksum(self) -> str:
         """SHA-256 of the maps' bytes (with the files' checksums when known)."""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.maps.values).tobytes())
+        # hashlib reads the array's buffer: same bytes as tobytes(), no copy
+        h.update(np.ascontiguousarray(self.maps.values))
         for k in sorted(self.checksums):
             h.update(f"{k}={self.checksums[k]}".encode())
         return h.hexdigest()

@@ -128,7 +128,12 @@ class FusionResult:
         if not np.all(np.isfinite(prob)):
             raise FloatingPointError(f"{method}: the consensus holds NaN or infinite values")
         k = prob.shape[-1]
-        labels = np.argmax(prob, axis=-1).astype(np.uint8 if k < 256 else np.uint16)
+        if k == 2:
+            # argmax over a last axis of length 2 is a slow strided loop (0.3 s
+            # for 12M voxels); the comparison gives the same labels (ties -> 0)
+            labels = np.greater(prob[..., 1], prob[..., 0]).view(np.uint8)
+        else:
+            labels = np.argmax(prob, axis=-1).astype(np.uint8 if k < 256 else np.uint16)
         consensus = xr.Dataset(
             {
                 "probability": (sdims + ("class",), prob),
