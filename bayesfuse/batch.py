@@ -97,6 +97,7 @@ class Settings:
     n_classes: int | None = None
     invert: bool = False
     spacing: tuple[float, ...] | None = None
+    interval_mass: float = 0.9
 
     def record(self) -> dict:
         """The settings as plain JSON values (how records compare them)."""
@@ -114,6 +115,7 @@ class Settings:
             "n_classes": self.n_classes,
             "invert": self.invert,
             "spacing": self.spacing,
+            "interval_mass": self.interval_mass,
         }
         return json.loads(json.dumps(rec, default=str))
 
@@ -206,13 +208,14 @@ def reference_dice(result, subject: Subject, roi=None, invert: bool = False) -> 
 
 
 def fuse_subject(subject: Subject, out_dir: str | os.PathLike, spec, settings: Settings, *,
-                 force: bool = False, run_id: str = "") -> dict:
+                 force: bool = False, run_id: str = "", command: str = "") -> dict:
     """Fuse one subject into ``out_dir/<subject>/`` unless it is already done.
 
-    Runs on a Dask worker (or anywhere): reads the inputs, fits, saves into a
-    staging folder with the completion record last, and renames the folder
-    into place. Never raises for a bad subject: the returned summary row has
-    status ``failed`` and the error instead.
+    Runs on a Dask worker (or anywhere): reads the inputs, fits, adds the
+    per-voxel posterior summaries and provenance as ``bayesfuse fuse`` does,
+    saves into a staging folder with the completion record last, and renames
+    the folder into place. Never raises for a bad subject: the returned
+    summary row has status ``failed`` and the error instead.
 
     Returns
     -------
@@ -220,7 +223,7 @@ def fuse_subject(subject: Subject, out_dir: str | os.PathLike, spec, settings: S
         The subject's summary row (keys :data:`SUMMARY_COLUMNS` and
         estimates).
     """
-    from . import api
+    from . import api, report, summaries
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -241,15 +244,16 @@ def fuse_subject(subject: Subject, out_dir: str | os.PathLike, spec, settings: S
         if settings.tol is not None:
             kwargs["tol"] = settings.tol
         result = spec.load().fit(data, settings.config, **kwargs)
+        seed = settings.random_seed if settings.random_seed is not None else 0
+        result = summaries.attach(result, settings.interval_mass, random_seed=seed)
+        report.stamp(result, command or f"bayesfuse batch (subject {subject.id})")
         dice = reference_dice(result, subject, data.roi(), settings.invert) if subject.reference is not None else math.nan
         stage = out / f"{STAGE_PREFIX}{subject.id}-{uuid.uuid4().hex[:8]}"
         stage.mkdir()
-        import dask
-
         # Inside a Dask worker, xarray would guard the NetCDF write with a
         # cluster-wide lock held by the scheduler, serialising every
         # subject's write; the arrays are in memory, a local lock is enough.
-        with dask.config.set(scheduler="sync"):
+        with _local_write_lock():
             written = result.save(stage)
         row = {
             "subject": subject.id,
@@ -287,6 +291,14 @@ def fuse_subject(subject: Subject, out_dir: str | os.PathLike, spec, settings: S
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _local_write_lock():
+    try:
+        import dask
+    except ImportError:  # fuse_subject called without Dask: nothing to avoid
+        return contextlib.nullcontext()
+    return dask.config.set(scheduler="sync")
 
 
 def _json_safe(obj):
@@ -432,8 +444,10 @@ def run_batch(
     n_classes: int | None = None,
     invert: bool = False,
     spacing: Sequence[float] | None = None,
+    interval_mass: float = 0.9,
     force: bool = False,
     progress: bool | None = None,
+    command: str = "",
 ) -> pd.DataFrame:
     """Fuse every subject of a study with one method, on Dask.
 
@@ -459,10 +473,15 @@ def run_batch(
         80 % of the machine's memory.
     to_prob, to_prob_options, max_iter, tol, random_seed, kind, n_classes, invert, spacing
         As in :func:`bayesfuse.fuse`; the same for every subject.
+    interval_mass : float
+        Mass of the central credible interval among the per-voxel summaries
+        (as ``bayesfuse fuse --interval-mass``).
     force : bool
         Recompute every subject, even those already done.
     progress : bool, optional
         Show a progress bar over subjects (default: yes unless quiet).
+    command : str, optional
+        The command line to record in each result (provenance).
 
     Returns
     -------
@@ -477,6 +496,7 @@ def run_batch(
     """
     from .api import TO_PROB
     from .models import get_model
+    from .summaries import check_mass
 
     study = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     spec = get_model(method)
@@ -489,6 +509,7 @@ def run_batch(
         method=method, config=config, to_prob=to_prob, to_prob_options=dict(to_prob_options or {}),
         max_iter=max_iter, tol=tol, random_seed=random_seed, kind=kind, n_classes=n_classes,
         invert=invert, spacing=tuple(spacing) if spacing is not None else None,
+        interval_mass=check_mass(interval_mass),
     )
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -505,7 +526,7 @@ def run_batch(
         n_local = min(n_workers or default_workers(threads_per_worker), len(study))
         try:
             with open_client(client, scheduler, n_local, threads_per_worker, memory_limit) as c:
-                _run_on(c, study, out, spec, settings, force, run_id, rows, progress)
+                _run_on(c, study, out, spec, settings, force, run_id, rows, progress, command)
         except BaseException:
             # Interrupted: once the cluster is closed (no worker can still
             # publish), the summary tells which subjects this run finished.
@@ -519,14 +540,14 @@ def run_batch(
 
 
 def _run_on(client, study: Manifest, out: Path, spec, settings: Settings, force: bool, run_id: str,
-            rows: dict[str, dict], progress: bool | None) -> None:
+            rows: dict[str, dict], progress: bool | None, command: str) -> None:
     """Submit one task per subject and collect the rows as they finish."""
     from dask.distributed import as_completed
 
     from . import progress as _progress
 
     futures = {
-        client.submit(fuse_subject, s, str(out), spec, settings, force=force, run_id=run_id,
+        client.submit(fuse_subject, s, str(out), spec, settings, force=force, run_id=run_id, command=command,
                       key=f"bayesfuse-{s.id}-{run_id[:8]}", pure=False): s.id
         for s in study
     }

@@ -22,6 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", "-m", required=True, help="fusion method (see `bayesfuse models`)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<subject>/ and DIR/summary.csv")
     p.add_argument("--force", action="store_true", help="recompute every subject, even those already done")
+    p.add_argument("--interval-mass", type=float, default=0.9, metavar="M",
+                   help="mass of the central credible interval written as consensus_lo/consensus_hi (default 0.9)")
     g = p.add_argument_group("Dask")
     g.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler (default: a local cluster)")
     g.add_argument("--workers", type=int, metavar="N", help="local cluster: number of worker processes (default: one per core)")
@@ -49,7 +51,7 @@ def run(args) -> int:
         to_prob=args.to_prob, to_prob_options=parse_pairs(args.prob_opt, "--prob-opt"),
         max_iter=args.max_iter, tol=args.tol, random_seed=args.seed,
         kind=args.kind, n_classes=args.classes, invert=args.invert, spacing=args.spacing,
-        force=args.force,
+        interval_mass=args.interval_mass, force=args.force, command=" ".join(sys.argv),
     )
     counts = summary["status"].value_counts()
     n_failed = int(counts.get("failed", 0))
