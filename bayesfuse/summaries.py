@@ -142,19 +142,24 @@ def _module(result):
 
 
 def _link_name(result) -> str:
-    cfg = result.config
-    return str(cfg.get("link", result.tree.attrs.get("link", "sqrt")))
+    var = result.group("variational")
+    return str(var.attrs.get("link", result.tree.attrs.get("link", result.config.get("link", "sqrt"))))
 
 
 def _gaussian(result, mass: float, random_seed) -> dict[str, np.ndarray]:
-    """Summaries of T = F^-1(T~) under q(T~) = N(mu_T, S_T), via bayesfuse.gaussian."""
+    """Summaries of T = F^-1(T~) under q(T~) = N(mu_T, S_T), by :func:`bayesfuse.gaussian.probability_summaries`.
+
+    ``mu_T`` holds the link coordinates with one non-spatial dim (any
+    position), ``S_T`` the covariances with two trailing ones.
+    """
     from . import gaussian
 
     var = result.group("variational")
     sdims = result.spatial_dims
     mu = var["mu_T"].transpose(*sdims, ...).values
     cov = var["S_T"].transpose(*sdims, ...).values
-    return gaussian.probability_summaries(mu, cov, _link_name(result), mass=mass, random_seed=random_seed)
+    seed = random_seed if random_seed is not None else 0
+    return gaussian.probability_summaries(mu, cov, _link_name(result), mass=mass, random_seed=seed)
 
 
 def summarize(result, mass: float = DEFAULT_MASS, *, random_seed: Any = 0) -> xr.Dataset:

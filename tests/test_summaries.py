@@ -157,3 +157,56 @@ def test_cli_refuses_a_bad_mass_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interval mass" in err
     assert not out.exists()
+
+
+# ------------------------------------------------------- posterior draws
+def _with_draws():
+    """Registered models whose module can draw from its posterior (as they land)."""
+    out = []
+    for name, spec in sorted(REGISTRY.items()):
+        if spec.pymc and hasattr(spec.load(), "posterior_draws") and hasattr(spec.load(), "simulate"):
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("method", _with_draws())
+def test_posterior_draws_work_with_arviz(method):
+    """result.posterior_draws gives a DataTree that ArviZ summarises as it is,
+    and the draws agree with the point estimates of /raters."""
+    import arviz as az
+
+    spec = REGISTRY[method]
+    config = spec.config()
+    data, _ = spec.load().simulate(config, shape=(20, 20, 12), n_raters=4, random_seed=0)
+    if spec.input == "probability" and data.kind != "probability":
+        data = api.convert(data, "euclidean")
+    r = api.fuse(data, method, random_seed=0)
+    region = {"x": slice(8, 12), "y": slice(8, 12), "z": slice(5, 7)}
+    try:
+        tree = r.posterior_draws(n=400, region=region, random_seed=1)
+    except NotImplementedError as exc:
+        pytest.skip(f"{method}: {exc}")
+    post = tree["posterior"].to_dataset()
+    assert post.sizes["chain"] * post.sizes["draw"] == 400
+    summ = az.summary(tree)
+    hdi = az.hdi(tree, prob=0.9)
+    raters = r.group("raters")
+    checked = 0
+    for v, da in post.data_vars.items():
+        m = da.mean(("chain", "draw"))
+        row = summ.loc[[i for i in summ.index if i == v or i.startswith(v + "[")], "mean"].astype(float).values
+        np.testing.assert_allclose(row, m.values.ravel(), rtol=0.02, atol=1e-3)
+        lo = hdi[v].sel(ci_bound="lower")
+        hi = hdi[v].sel(ci_bound="upper")
+        assert bool((lo <= hi).all())
+        if v in raters and da.dims[2:] == raters[v].dims:
+            sd = da.std(("chain", "draw"))
+            gap = np.abs(m - raters[v]).values
+            assert np.all(gap <= 4 * sd.values + 1e-3), f"{v}: draws' mean far from the point estimate"
+            checked += 1
+        # draws restricted to the region carry its spatial size
+        for d, sl in region.items():
+            if d in da.dims:
+                assert da.sizes[d] == sl.stop - sl.start
+                checked += 1
+    assert checked > 0

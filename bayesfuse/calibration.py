@@ -1,0 +1,229 @@
+"""Calibration of the per-voxel credible intervals, measured on phantoms drawn
+from each model's own generative story.
+
+For a model with a ``simulate(config, shape, n_raters, random_seed)`` (the
+model contract), :func:`calibrate` draws data with known truth, fits the
+closed-form solver (VB or EM), computes the per-voxel central intervals of
+:mod:`bayesfuse.summaries`, and counts the share of voxels whose true value
+lies inside (*coverage*). A calibrated posterior covers about ``mass`` of the
+truths. :func:`calibrate_nuts` does the same with NUTS on a small problem, the
+reference the closed-form solver is judged against.
+
+What "the true value" is follows the summaries' quantity:
+
+- Gaussian q in link space (robust-t family): the true consensus probability
+  T[n] of the simulation (``truth["probability"]``, (*spatial) foreground or
+  (*spatial, K));
+- label posterior (STAPLE family): the true label's indicator 1[x_n = k]
+  (``truth["truth"]`` or ``truth["labels"]``).
+
+Coverage is reported over all voxels and over the *contested* ones, where the
+raters' hard labels are not unanimous: far from the structure every
+interval covers its truth trivially, and the contested voxels are where the
+intervals say something.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError
+
+#: Columns of the tables :func:`calibrate` and :func:`calibrate_nuts` return.
+COLUMNS = ("method", "solver", "rep", "mass", "voxels", "coverage", "contested", "coverage_contested",
+           "mean_width_contested", "calibration_error", "quantity")
+
+#: Bins of the reliability diagram behind :func:`calibration_error`.
+N_BINS = 10
+
+
+def coverage(lo: np.ndarray, hi: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> float:
+    """Share of the values ``truth`` that lie in ``[lo, hi]`` (optionally only ``where``).
+
+    The bounds are compared with a tolerance of 1e-6, the float32 storage
+    error of the summaries, so that a truth of exactly 0 or 1 at an interval
+    end counts as inside.
+    """
+    lo, hi, truth = (np.asarray(a, dtype=np.float64) for a in (lo, hi, truth))
+    inside = (truth >= lo - 1e-6) & (truth <= hi + 1e-6)
+    if where is not None:
+        inside = inside[np.broadcast_to(where, inside.shape)]
+    return float(inside.mean()) if inside.size else float("nan")
+
+
+def calibration_error(prob: np.ndarray, outcome: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Expected calibration error of predicted probabilities against 0/1 outcomes.
+
+    The predictions are binned into ``n_bins`` equal-width bins; the error is
+    the voxel-weighted mean over bins of |mean prediction - observed
+    frequency|. 0 for a perfectly calibrated label posterior; it says what
+    the conservative {0, 1} intervals of a label indicator cannot.
+    """
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    y = np.asarray(outcome, dtype=np.float64).ravel()
+    if p.size == 0:
+        return float("nan")
+    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    n = np.bincount(idx, minlength=n_bins)
+    sp = np.bincount(idx, weights=p, minlength=n_bins)
+    sy = np.bincount(idx, weights=y, minlength=n_bins)
+    used = n > 0
+    return float(np.sum(np.abs(sp[used] - sy[used])) / p.size)
+
+
+def contested_voxels(data) -> np.ndarray:
+    """Voxels (spatial shape) where the raters' hard labels are not unanimous."""
+    lab = data.labels()
+    return np.any(lab != lab[:1], axis=0)
+
+
+def true_quantity(truth: dict, n_classes: int, posterior: str) -> np.ndarray:
+    """The simulation's truth of the summaries' quantity, as (*spatial) for K = 2
+    (the foreground) or (*spatial, K).
+
+    Parameters
+    ----------
+    truth : dict
+        The second return value of a model's ``simulate``.
+    n_classes : int
+    posterior : {"gaussian", "categorical"}
+        The summaries' posterior kind (:func:`bayesfuse.summaries.posterior_kind`).
+    """
+    if posterior == "gaussian":
+        if "probability" not in truth:
+            raise KeyError("the simulation gives no true probability map (truth['probability'])")
+        t = np.asarray(truth["probability"], dtype=np.float64)
+        if n_classes == 2 and t.ndim and t.shape[-1] == 2:
+            t = t[..., 1]
+        return t
+    labels = truth.get("truth", truth.get("labels"))
+    if labels is None:
+        raise KeyError("the simulation gives no true labels (truth['truth'] or truth['labels'])")
+    labels = np.asarray(labels)
+    if n_classes == 2:
+        return (labels == 1).astype(np.float64)
+    return (labels[..., None] == np.arange(n_classes)).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One simulated case: the raters, the truth of the quantity, the contested voxels."""
+
+    data: Any
+    truth: np.ndarray
+    contested: np.ndarray
+
+
+def simulate(method: str, config, shape, n_raters, seed) -> tuple[Any, dict]:
+    """Data and truth from the model's own ``simulate`` (the model contract)."""
+    from .models import get_model
+
+    mod = get_model(method).load()
+    if not hasattr(mod, "simulate"):
+        raise NotImplementedError(f"{method}: the model has no simulate(); its calibration cannot be measured")
+    return mod.simulate(config, shape=tuple(shape), n_raters=n_raters, random_seed=seed)
+
+
+def _row(method, solver, rep, mass, prob: Problem, lo, hi, quantity, mean=None) -> dict:
+    """One table row; ``mean`` (a label posterior) adds the calibration error."""
+    c = prob.contested
+    width = np.asarray(hi, dtype=np.float64) - np.asarray(lo, dtype=np.float64)
+    cw = width[np.broadcast_to(c if width.ndim == c.ndim else c[..., None], width.shape)]
+    return {
+        "method": method, "solver": solver, "rep": rep, "mass": mass,
+        "voxels": int(c.size), "coverage": coverage(lo, hi, prob.truth),
+        "contested": int(c.sum()),
+        "coverage_contested": coverage(lo, hi, prob.truth, c if width.ndim == c.ndim else c[..., None]),
+        "mean_width_contested": float(cw.mean()) if cw.size else float("nan"),
+        "calibration_error": float("nan") if mean is None else calibration_error(
+            np.asarray(mean)[np.broadcast_to(c if np.ndim(mean) == c.ndim else c[..., None], np.shape(mean))],
+            prob.truth[np.broadcast_to(c if prob.truth.ndim == c.ndim else c[..., None], prob.truth.shape)]),
+        "quantity": quantity,
+    }
+
+
+def calibrate(
+    method: str,
+    *,
+    n_reps: int = 3,
+    shape: Sequence[int] = (32, 32, 24),
+    n_raters: int = 5,
+    mass: float = 0.9,
+    random_seed: int = 0,
+    options: dict | None = None,
+    fit_kwargs: dict | None = None,
+) -> pd.DataFrame:
+    """Coverage of the closed-form solver's intervals on the model's own phantoms.
+
+    Parameters
+    ----------
+    method : str
+        A registry name whose module has ``simulate``.
+    n_reps : int
+        Independent simulations (seeds ``random_seed + rep``).
+    shape, n_raters : optional
+        Size of each simulated case.
+    mass : float
+        Credible mass of the intervals.
+    options : dict, optional
+        Config options of the method (also passed to ``simulate``).
+    fit_kwargs : dict, optional
+        ``max_iter``, ``tol``, ... for ``fit``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per repetition with the columns of :data:`COLUMNS`.
+    """
+    from . import summaries
+    from .models import get_model
+
+    mass = summaries.check_mass(mass)
+    spec = get_model(method)
+    config = spec.config(**(options or {}))
+    rows = []
+    for rep in range(int(n_reps)):
+        seed = int(random_seed) + rep
+        data, truth = simulate(method, config, shape, n_raters, seed)
+        result = spec.load().fit(data, config, random_seed=seed, method=method, progress=False, **(fit_kwargs or {}))
+        kind = summaries.posterior_kind(result)
+        if kind == "none":
+            raise NotImplementedError(f"{method}: a rule without a posterior has no intervals to calibrate")
+        prob = Problem(data, true_quantity(truth, data.n_classes, kind), contested_voxels(data))
+        s = summaries.summarize(result, mass, random_seed=seed)
+        solver = "VB" if kind == "gaussian" else "EM"
+        mean = result.consensus.values if kind == "categorical" else None
+        rows.append(_row(method, solver, rep, mass, prob, s["consensus_lo"].values, s["consensus_hi"].values, s.attrs["quantity"], mean))
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def summary_table(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Mean coverage per method and solver over repetitions (for the model cards)."""
+    df = pd.concat(list(frames), ignore_index=True)
+    if df.empty:
+        raise ConfigError("no calibration rows to summarise")
+    g = df.groupby(["method", "solver", "mass"], sort=False)
+    out = g.agg(reps=("rep", "count"), voxels=("voxels", "mean"), coverage=("coverage", "mean"),
+                contested=("contested", "mean"), coverage_contested=("coverage_contested", "mean"),
+                coverage_contested_min=("coverage_contested", "min"), coverage_contested_max=("coverage_contested", "max"),
+                mean_width_contested=("mean_width_contested", "mean"), calibration_error=("calibration_error", "mean"))
+    return out.reset_index()
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A summary table as Markdown (the model cards' calibration section)."""
+    head = ["method", "solver", "mass", "reps", "voxels", "coverage (all)", "contested voxels",
+            "coverage (contested)", "range over reps", "mean width (contested)", "calibration error (contested)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r['method']} | {r['solver']} | {r['mass']:g} | {int(r['reps'])} | {int(r['voxels'])} | "
+            f"{r['coverage']:.3f} | {int(round(r['contested']))} | {r['coverage_contested']:.3f} | "
+            f"{r['coverage_contested_min']:.3f}-{r['coverage_contested_max']:.3f} | {r['mean_width_contested']:.3f} | "
+            f"{'-' if np.isnan(r['calibration_error']) else format(r['calibration_error'], '.3f')} |"
+        )
+    return "\n".join(lines)
