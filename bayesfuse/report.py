@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import figures
 from .errors import OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ def _kv_table(pairs: list[tuple[str, Any]], cls: str = "kv") -> str:
 
 
 def _figure(fig, caption: str, alt: str) -> str:
-    from .figures import png_base64
-
-    b64 = png_base64(fig)
+    b64 = figures.png_base64(fig)
     return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{caption}</figcaption></figure>")
 
@@ -221,8 +220,6 @@ def _overview(result, data, spacing, fg, maps, mass) -> str:
 
 
 def _slices_section(result, data, image, spacing, prob, fg, maps, mass) -> str:
-    from . import figures
-
     sdims = result.spatial_dims
     centre = figures.centre_of_mass(fg)
     weight = fg.copy()
@@ -274,7 +271,6 @@ def _slices_section(result, data, image, spacing, prob, fg, maps, mass) -> str:
 
 
 def _other_maps_section(result, spacing, fg, maps) -> str:
-    from . import figures
     from .summaries import SUMMARY_MAPS
 
     sdims = result.spatial_dims
@@ -320,51 +316,82 @@ def _other_maps_section(result, spacing, fg, maps) -> str:
     return "\n".join(parts)
 
 
-def rater_intervals(result, mass: float, random_seed=0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Central intervals of per-rater parameters, where the model can draw them.
+def rater_draws(result, random_seed=0):
+    """Posterior draws of the per-rater parameters, or None where the model has none.
 
     Uses ``result.posterior_draws`` on a single voxel (per-rater parameters do
     not depend on the region) and keeps the drawn variables whose dims are
     (chain, draw, rater) and whose name is also a variable of ``/raters``.
-    Models without a posterior, or without such draws, give no interval.
     """
     raters = result.group("raters")
     if not raters.data_vars:
-        return {}
+        return None
     try:
         centre = tuple(int(s) // 2 for s in result.labels.shape)
         region = {d: slice(c, c + 1) for d, c in zip(result.spatial_dims, centre)}
         tree = result.posterior_draws(n=RATER_DRAWS, region=region, random_seed=random_seed)
     except NotImplementedError:
-        return {}
+        return None
     except Exception as exc:  # a model's draws failing must not cost the whole report
         log.warning("report: no intervals for the raters' parameters (%s: %s)", type(exc).__name__, exc)
-        return {}
+        return None
     post = tree["posterior"].to_dataset() if "posterior" in tree.children else tree.to_dataset()
-    out = {}
+    keep = [v for v, da in post.data_vars.items() if v in raters and set(da.dims) == {"chain", "draw", "rater"}]
+    if not keep:
+        return None
+    import xarray as xr
+
+    return xr.DataTree.from_dict({"/posterior": post[keep]})
+
+
+def rater_intervals(draws, mass: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Central intervals (lo, hi) per rater of every variable of :func:`rater_draws`."""
+    if draws is None:
+        return {}
+    post = draws["posterior"].to_dataset()
     a = (1 - mass) / 2
+    out = {}
     for v, da in post.data_vars.items():
-        if v in raters and set(da.dims) == {"chain", "draw", "rater"}:
-            q = da.quantile([a, 1 - a], dim=("chain", "draw")).transpose("quantile", "rater").values
-            out[v] = (q[0], q[1])
+        q = da.quantile([a, 1 - a], dim=("chain", "draw")).transpose("quantile", "rater").values
+        out[v] = (q[0], q[1])
     return out
 
 
-def _raters_section(result, mass, random_seed) -> str:
-    from . import figures
+def _forest(draws, mass: float):
+    """ArviZ's forest plot of the per-rater draws (50% and ``mass`` intervals)."""
+    import arviz_plots as azp
 
+    figures._plt()
+    pc = azp.plot_forest(draws, backend="matplotlib", combined=True, ci_probs=[0.5, mass])
+    fig = pc.viz["figure"].item()
+    n = sum(da.sizes["rater"] for da in draws["posterior"].to_dataset().data_vars.values())
+    fig.set_size_inches(8, 0.9 + 0.3 * n)
+    return fig
+
+
+def _raters_section(result, mass, random_seed) -> str:
     names = result.rater_names
     df = result.raters
     parts = ['<section id="raters"><h2>Raters</h2>']
     raters = result.group("raters")
     one_d = {v: da.values for v, da in raters.data_vars.items() if da.dims == ("rater",) and np.issubdtype(da.dtype, np.number)}
-    intervals = rater_intervals(result, mass or 0.9, random_seed) if one_d else {}
+    draws = rater_draws(result, random_seed) if one_d else None
+    intervals = rater_intervals(draws, mass or 0.9)
     if one_d:
         fig = figures.rater_bars(names, one_d, intervals, mass=mass or 0.9)
         cap = "Per-rater estimates" + (
             f"; error bars: central {100 * (mass or 0.9):g}% intervals from the model's posterior draws" if intervals else
             "; point estimates (the model gives no posterior for them)")
         parts.append(_figure(fig, cap + ".", "rater performance"))
+    if draws is not None:
+        approx = draws["posterior"].attrs.get("approximation", "")
+        cap = (f"ArviZ forest plot (<code>arviz_plots.plot_forest</code>) of {RATER_DRAWS} posterior draws of the "
+               f"per-rater parameters: median, 50% and {100 * (mass or 0.9):g}% intervals"
+               + (f"; draws: {_esc(approx)}" if approx else "") + ".")
+        try:
+            parts.append(_figure(_forest(draws, mass or 0.9), cap, "rater posterior forest plot"))
+        except Exception as exc:  # ArviZ's plotting API moves; the bars above carry the same intervals
+            log.warning("report: ArviZ forest plot left out (%s: %s)", type(exc).__name__, exc)
     for v, da in raters.data_vars.items():
         if da.ndim == 2 and da.dims[0] == "rater" and da.dims[1] == "component":
             comps = [str(c) for c in (da["component"].values if "component" in da.coords else range(da.sizes["component"]))]
@@ -393,8 +420,6 @@ def _raters_section(result, mass, random_seed) -> str:
 
 
 def _optimizer_section(result) -> str:
-    from . import figures
-
     if "optimizer" not in result.tree.children:
         return ""
     opt = result.tree["optimizer"]
