@@ -384,9 +384,10 @@ def open_client(client=None, scheduler: str | None = None, n_workers: int | None
     # threads and no more, else n workers x all cores oversubscribe the machine.
     t = str(threads_per_worker)
     env = {"OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t, "MKL_NUM_THREADS": t, "NUMBA_NUM_THREADS": t}
-    with _quiet_dask(), LocalCluster(host="127.0.0.1", n_workers=n, threads_per_worker=threads_per_worker,
-                                     processes=True, dashboard_address=None, memory_limit=memory_limit,
-                                     env=env, preload=[WORKER_PRELOAD]) as cluster, Client(cluster) as c:
+    with _quiet_dask(), LocalCluster(
+        host="127.0.0.1", n_workers=n, threads_per_worker=threads_per_worker, processes=True,
+        dashboard_address=None, memory_limit=memory_limit, env=env, preload=[WORKER_PRELOAD],
+    ) as cluster, Client(cluster) as c:
         yield c
 
 
@@ -541,19 +542,42 @@ def run_batch(
 
 def _run_on(client, study: Manifest, out: Path, spec, settings: Settings, force: bool, run_id: str,
             rows: dict[str, dict], progress: bool | None, command: str) -> None:
-    """Submit one task per subject and collect the rows as they finish."""
+    """Run one task per subject, as many at a time as the cluster has threads.
+
+    Subjects are handed out as threads free up rather than all at once (Dask
+    would queue small groups of tasks on the workers eagerly): subjects last
+    seconds to minutes, so nothing is gained by queuing, a worker would sit
+    idle at the end while another still holds a waiting subject, and a
+    subject that kills its worker would fail the subjects queued behind it.
+    """
     from dask.distributed import as_completed
 
     from . import progress as _progress
 
-    futures = {
-        client.submit(fuse_subject, s, str(out), spec, settings, force=force, run_id=run_id, command=command,
-                      key=f"bayesfuse-{s.id}-{run_id[:8]}", pure=False): s.id
-        for s in study
-    }
+    todo = iter(study)
+    futures: dict = {}
+    running = as_completed()
+
+    def submit_next() -> bool:
+        s = next(todo, None)
+        if s is None:
+            return False
+        fut = client.submit(fuse_subject, s, str(out), spec, settings, force=force, run_id=run_id, command=command,
+                            key=f"bayesfuse-{s.id}-{run_id[:8]}", pure=False)
+        futures[fut] = s.id
+        running.add(fut)
+        return True
+
+    def fill() -> None:
+        # Re-read the cluster's size each time: an adaptive cluster grows and shrinks.
+        slots = max(1, sum(client.nthreads().values()))
+        while running.count() < slots and submit_next():
+            pass
+
     try:
         with _progress.bar(f"batch {settings.method}", total=len(study), progress=progress) as bar:
-            for fut in as_completed(futures):
+            fill()
+            for fut in running:
                 sid = futures[fut]
                 try:
                     rows[sid] = fut.result()
@@ -561,6 +585,7 @@ def _run_on(client, study: Manifest, out: Path, spec, settings: Settings, force:
                     rows[sid] = {"subject": sid, "status": "failed", "error": f"the worker running it died or was lost ({one_line(exc)})"}
                 write_summary(out, [rows[s] for s in study.ids])
                 bar.advance(info=f"{sid}: {rows[sid]['status']}")
+                fill()
     except BaseException:
         client.cancel(list(futures))
         raise

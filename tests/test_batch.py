@@ -236,6 +236,52 @@ def test_python_api_with_an_existing_client(tmp_path):
     pd.testing.assert_frame_equal(batch.read_summary(tmp_path / "out"), again)
 
 
+def test_command_on_a_running_scheduler(tmp_path, capsys):
+    from dask.distributed import LocalCluster
+
+    csv = make_study(tmp_path / "study", 2)
+    with LocalCluster(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        rc = cli.main(["batch", str(csv), "-m", "majority-vote", "--out", str(tmp_path / "out"), "--scheduler", cluster.scheduler_address])
+        assert rc == 0
+        assert "bayesfuse" in cluster.scheduler.task_prefixes  # the subjects ran on that cluster
+    assert "majority-vote: 2 subjects (2 done)" in capsys.readouterr().out
+    assert list(batch.read_summary(tmp_path / "out")["status"]) == ["done", "done"]
+
+
+CRASHING_METHOD = """
+import os
+from bayesfuse.models import baselines
+
+Config = baselines.Config
+
+
+def fit(data, config=None, **kwargs):
+    if any("/s01/" in s for s in data.sources):
+        os._exit(1)  # as a segfault or the kernel's OOM killer would end the worker
+    return baselines.fit(data, config, **kwargs)
+"""
+
+
+def test_a_subject_that_kills_its_worker_fails_alone(tmp_path, monkeypatch):
+    import dask
+    from bayesfuse.models import REGISTRY, ModelSpec
+
+    (tmp_path / "crashing_vote.py").write_text(textwrap.dedent(CRASHING_METHOD))
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit sys.path
+    monkeypatch.setitem(REGISTRY, "crashing-vote", ModelSpec(
+        name="crashing-vote", module="crashing_vote", summary="dies on s01", input="labels", pymc=False,
+        defaults={"rule": "majority-vote"}))
+    csv = make_study(tmp_path / "study", 3)
+    # No retry of the lost task (Dask retries it 3 times by default).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        df = batch.run_batch(csv, "crashing-vote", tmp_path / "out", n_workers=2, progress=False)
+    assert list(df["status"]) == ["done", "failed", "done"]
+    assert df.loc["s01", "error"].startswith("the worker running it died or was lost")
+    assert not (tmp_path / "out" / "s01").exists()
+    for sid in ("s00", "s02"):
+        assert_whole(tmp_path / "out" / sid)
+
+
 def test_refusals_before_any_work(tmp_path):
     csv = make_study(tmp_path / "study", 1)
     out = tmp_path / "out"
