@@ -49,6 +49,7 @@ import pandas as pd
 
 from .errors import ConfigError, InputError
 from .manifest import Manifest, Subject, read_manifest
+from .summaries import DEFAULT_MASS
 
 log = logging.getLogger(__name__)
 
@@ -97,27 +98,13 @@ class Settings:
     n_classes: int | None = None
     invert: bool = False
     spacing: tuple[float, ...] | None = None
-    interval_mass: float = 0.9
+    interval_mass: float = DEFAULT_MASS
 
     def record(self) -> dict:
         """The settings as plain JSON values (how records compare them)."""
         from .result import config_json
 
-        rec = {
-            "method": self.method,
-            "config": json.loads(config_json(self.config)),
-            "to_prob": self.to_prob,
-            "to_prob_options": self.to_prob_options,
-            "max_iter": self.max_iter,
-            "tol": self.tol,
-            "random_seed": self.random_seed,
-            "kind": self.kind,
-            "n_classes": self.n_classes,
-            "invert": self.invert,
-            "spacing": self.spacing,
-            "interval_mass": self.interval_mass,
-        }
-        return json.loads(json.dumps(rec, default=str))
+        return json.loads(config_json(self))
 
 
 # ------------------------------------------------------------ one subject
@@ -445,7 +432,7 @@ def run_batch(
     n_classes: int | None = None,
     invert: bool = False,
     spacing: Sequence[float] | None = None,
-    interval_mass: float = 0.9,
+    interval_mass: float = DEFAULT_MASS,
     force: bool = False,
     progress: bool | None = None,
     command: str = "",
