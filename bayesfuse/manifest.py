@@ -100,16 +100,19 @@ class Subject:
     def load(self, *, kind=None, n_classes: int | None = None, invert: bool = False, spacing: Sequence[float] | None = None):
         """The subject's raters (with image and ROI) as a :class:`~bayesfuse.data.RaterMaps`.
 
-        Raters are named as in the manifest (not by file name) whenever there
-        is one file per rater, so that per-rater estimates line up across
-        subjects. Options as in :func:`bayesfuse.io.load_raters`.
+        Raters are named as in the manifest (not by file name), so that
+        per-rater estimates line up across subjects: one file per rater takes
+        the rater's name; a single file holding all raters gives
+        ``<name>[0]``, ``<name>[1]``, ... Options as in
+        :func:`bayesfuse.io.load_raters`.
         """
         from .io import load_raters
 
         data = load_raters(list(self.raters), image=self.image, mask=self.mask, kind=kind, n_classes=n_classes, invert=invert, spacing=spacing)
-        if data.n_raters == len(self.rater_names):
-            data = replace(data, maps=data.maps.assign_coords(rater=list(self.rater_names)))
-        return data
+        names = list(self.rater_names)
+        if len(names) == 1 and data.n_raters > 1:
+            names = [f"{names[0]}[{i}]" for i in range(data.n_raters)]
+        return replace(data, maps=data.maps.assign_coords(rater=names))
 
     def load_reference(self, shape: Sequence[int], *, invert: bool = False) -> np.ndarray:
         """The reference segmentation as integer labels on a grid of ``shape``.

@@ -282,6 +282,27 @@ def test_a_subject_that_kills_its_worker_fails_alone(tmp_path, monkeypatch):
         assert_whole(tmp_path / "out" / sid)
 
 
+@pytest.mark.data
+def test_lidc_slices_majority_vote_reproduces_the_sources_consensus(shared_data, tmp_path):
+    # LIDC crops: one TIFF stack of 2 to 4 radiologists per slice; the
+    # source's GT is the majority vote with ties to foreground (data README).
+    d = shared_data / "lidc-crops" / "test"
+    stems = sorted(p.name for p in (d / "masks" / "annots").glob("*.tif"))[:6]
+    if len(stems) < 6:
+        pytest.skip(f"LIDC crops incomplete in {d}")
+    csv = tmp_path / "lidc.csv"
+    csv.write_text("subject,raters,image,reference\n" + "".join(
+        f"{Path(n).stem},{d / 'masks/annots' / n},{d / 'scans' / n},{d / 'masks/GT' / n}\n" for n in stems))
+    from dask.distributed import Client
+
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        df = batch.run_batch(csv, "majority-vote", tmp_path / "out", client=client, progress=False)
+    assert (df["status"] == "done").all(), df["error"]
+    np.testing.assert_array_equal(df["dice"].values, 1.0)
+    # Raters of a stacked file are numbered after the column, alike in every subject.
+    assert {"agreement[raters[0]]", "agreement[raters[1]]"} <= set(df.columns)
+
+
 def test_refusals_before_any_work(tmp_path):
     csv = make_study(tmp_path / "study", 1)
     out = tmp_path / "out"

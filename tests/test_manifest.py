@@ -175,9 +175,10 @@ def test_subject_load_names_raters_as_the_manifest(tmp_path):
         Subject(id="x", raters=s.raters, rater_names=s.rater_names, reference=prob).load_reference(truth.shape)
 
 
-def test_subject_with_one_4d_file_keeps_the_loaders_names(tmp_path):
+def test_subject_with_one_4d_file_numbers_its_raters(tmp_path):
     stack = np.stack([_mask(i) for i in range(3)], axis=-1)
     f = _nifti(tmp_path / "all.nii.gz", stack)
     data = Subject(id="x", raters=(f,), rater_names=("raters",)).load()
     assert data.n_raters == 3
-    assert data.rater_names == ["all.nii.gz[0]", "all.nii.gz[1]", "all.nii.gz[2]"]
+    assert data.rater_names == ["raters[0]", "raters[1]", "raters[2]"]
+    np.testing.assert_array_equal(data.maps.values[2], _mask(2))

@@ -16,7 +16,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "README documents) and write DIR/<subject>/ (each subject's outputs, appearing whole or not at "
         "all) and DIR/summary.csv. A rerun skips subjects whose inputs and settings are unchanged and "
         "redoes the others; a failing subject is recorded in the summary and does not stop the rest. "
-        "Runs on a local Dask cluster bound to 127.0.0.1, or on the cluster at --scheduler.",
+        "Runs on a local Dask cluster bound to 127.0.0.1, or on the cluster at --scheduler. "
+        "Exits with 1 when a subject failed, 2 on bad input before any work.",
     )
     p.add_argument("manifest", metavar="MANIFEST", help="CSV manifest (subject, rater1, rater2, ..., image, mask, reference) or study folder")
     p.add_argument("--method", "-m", required=True, help="fusion method (see `bayesfuse models`)")
