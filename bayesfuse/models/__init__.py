@@ -143,3 +143,40 @@ register(ModelSpec(
     card="pstaple.md",
     note="PyMC form only with the MRF off (mrf_beta=0): the Potts prior's partition function is intractable and NUTS cannot sample discrete labels",
 ))
+register(ModelSpec(
+    name="staple",
+    module="bayesfuse.models.staple",
+    summary="STAPLE: EM on binary masks, per-rater sensitivity and specificity (ITK-compatible defaults)",
+    input="binary",
+    pymc=True,
+    defaults={"mode": "binary"},
+    card="staple.md",
+))
+register(ModelSpec(
+    name="multi-staple",
+    module="bayesfuse.models.staple",
+    summary="Multi-label STAPLE: EM on K-class label maps, per-rater confusion matrices",
+    input="labels",
+    pymc=True,
+    defaults={"mode": "multi"},
+    card="staple.md",
+))
+register(ModelSpec(
+    name="soft-staple",
+    module="bayesfuse.models.soft_staple",
+    summary="Soft-STAPLE (exact): EM on the soft pattern histogram of soft binary maps; exact M-step derived (not the paper's)",
+    input="probability",
+    pymc=True,
+    defaults={"model": "exact"},
+    card="soft_staple.md",
+    note="cost O(voxels x 2^P): refuses more than 16 raters with soft values (use soft-staple-simplified)",
+))
+register(ModelSpec(
+    name="soft-staple-simplified",
+    module="bayesfuse.models.soft_staple",
+    summary="Simplified soft-STAPLE: soft reports as noisy observations, EM with hidden hard reports",
+    input="probability",
+    pymc=True,
+    defaults={"model": "simplified"},
+    card="soft_staple.md",
+))
