@@ -214,6 +214,20 @@ def test_reduces_to_the_zoo_staple_on_hard_labels():
     np.testing.assert_allclose(r.consensus.values, st.consensus.values, atol=1e-4)
 
 
+@pytest.mark.skipif("soft-staple-simplified" not in REGISTRY, reason="bayesfuse.models.soft_staple has not landed yet")
+def test_equals_simplified_soft_staple_without_mrf():
+    """Two independent implementations of one likelihood: for K = 2 and no
+    MRF, (eq:pstaple-lik) is simplified soft-STAPLE's noisy-observation model
+    (MODELS.md section 3), so both EMs reach the same fixed point."""
+    truth, masks = _simulate(shape=(24, 24, 8))
+    fg = _soft(masks)
+    a = bayesfuse.fuse(list(fg), "pstaple", tol=1e-12, max_iter=3000, progress=False)
+    b = bayesfuse.fuse(list(fg), "soft-staple-simplified", tol=1e-12, max_iter=3000, progress=False)
+    np.testing.assert_allclose(a.raters["sensitivity"], b.raters["sensitivity"], atol=1e-4)
+    np.testing.assert_allclose(a.raters["specificity"], b.raters["specificity"], atol=1e-4)
+    np.testing.assert_allclose(a.consensus.values, b.consensus.values, atol=1e-4)
+
+
 def test_soft_maps_differ_from_their_argmax():
     """Soft evidence is used: the soft maps do not give their labels' answer."""
     truth, masks = _simulate(shape=(20, 20, 8))

@@ -97,6 +97,18 @@ class Config:
 
 
 # ------------------------------------------------------------------ updates
+def soft_vote(D: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """``(D[p, n] . theta[p, :, k])`` for every rater, voxel and true class.
+
+    A sum of K broadcast products rather than a matrix product: with K x K
+    matrices of size 2 or 3, numpy's matmul spends its time per row.
+    """
+    out = D[:, :, :1] * theta[:, None, 0, :]
+    for j in range(1, D.shape[2]):
+        out += D[:, :, j : j + 1] * theta[:, None, j, :]
+    return out
+
+
 def log_likelihood_terms(D: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Per voxel and true class, sum over raters of log p(D[p, n] | T_n = k).
 
@@ -117,10 +129,7 @@ def log_likelihood_terms(D: np.ndarray, theta: np.ndarray) -> np.ndarray:
     ----------
     models/pstaple.md (eq:pstaple-lik)
     """
-    out = np.zeros(D.shape[1:], dtype=np.float64)
-    for p in range(D.shape[0]):
-        out += np.log(D[p] @ theta[p])
-    return out
+    return np.log(soft_vote(D, theta)).sum(axis=0)
 
 
 def neighbour_sum(W: np.ndarray, ndim: int) -> np.ndarray:
@@ -146,7 +155,7 @@ def _softmax(a: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def e_step(loglik: np.ndarray, log_prior: np.ndarray) -> tuple[np.ndarray, float]:
+def e_step(loglik: np.ndarray, log_prior: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Posterior of the truth without MRF, and the log-likelihood.
 
     Parameters
@@ -155,6 +164,9 @@ def e_step(loglik: np.ndarray, log_prior: np.ndarray) -> tuple[np.ndarray, float
         From :func:`log_likelihood_terms`.
     log_prior : ndarray (K,)
         log f.
+    counts : ndarray (N,), optional
+        How many voxels share each row (rows are distinct patterns of the
+        raters' values, see :func:`unique_patterns`); 1 by default.
 
     Returns
     -------
@@ -171,7 +183,9 @@ def e_step(loglik: np.ndarray, log_prior: np.ndarray) -> tuple[np.ndarray, float
     m = a.max(axis=-1, keepdims=True)
     e = np.exp(a - m)
     s = e.sum(axis=-1, keepdims=True)
-    return e / s, float(np.sum(m + np.log(s)))
+    lse = (m + np.log(s))[:, 0]
+    total = float(lse.sum() if counts is None else lse @ counts)
+    return e / s, total
 
 
 def mean_field_sweep(W: np.ndarray, a0: np.ndarray, beta: float, colours: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
@@ -241,7 +255,9 @@ def m_step_theta(D: np.ndarray, W: np.ndarray, theta: np.ndarray) -> np.ndarray:
     ----------
     D : ndarray (P, N, K)
     W : ndarray (N, K)
-        Posterior (or mean-field q) of the truth.
+        Posterior (or mean-field q) of the truth; when the rows of D are
+        distinct patterns, the sum of W over the voxels sharing each pattern
+        (the update is linear in W).
     theta : ndarray (P, K, K)
         Current performance matrices.
 
@@ -253,10 +269,8 @@ def m_step_theta(D: np.ndarray, W: np.ndarray, theta: np.ndarray) -> np.ndarray:
     ----------
     models/pstaple.md (eq:pstaple-mstep)
     """
-    new = np.empty_like(theta)
-    for p in range(D.shape[0]):
-        ratio = W / (D[p] @ theta[p])
-        new[p] = theta[p] * (D[p].T @ ratio)
+    ratio = W[None] / soft_vote(D, theta)  # (P, N, K)
+    new = theta * np.einsum("pnj,pnk->pjk", D, ratio)
     return _normalise_columns(new)
 
 
@@ -296,16 +310,17 @@ def initial_theta(n_raters: int, k: int, diag: float) -> np.ndarray:
     return np.broadcast_to(t, (n_raters, k, k)).copy()
 
 
-def mean_prior(D: np.ndarray) -> np.ndarray:
-    """The raters' mean class fractions (the fixed prior of ``prior="mean"``)."""
-    f = D.mean(axis=(0, 1))
+def mean_prior(D: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """The raters' mean class fractions (the fixed prior of ``prior="mean"``),
+    with rows weighted by ``counts`` when they are distinct patterns."""
+    f = D.mean(axis=0).mean(axis=0) if counts is None else counts @ D.mean(axis=0) / counts.sum()
     f = np.maximum(f, THETA_FLOOR)
     return f / f.sum()
 
 
 # ---------------------------------------------------------------------- fit
 def _inputs(data: RaterMaps):
-    """Raters' maps as (P, N_roi, K) float64, the ROI, and the grid shape."""
+    """Raters' maps as (P, N_roi, K) float64, and the ROI."""
     roi = data.roi()
     probs = data.probabilities(dtype=np.float32)
     if roi is None:
@@ -313,6 +328,35 @@ def _inputs(data: RaterMaps):
     else:
         D = probs[:, roi].astype(np.float64)
     return D, roi
+
+
+def unique_patterns(data: RaterMaps) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The distinct per-voxel patterns of the raters' values, with counts.
+
+    Every update depends on a voxel only through its pattern D[:, n, :]
+    (and, with the MRF, its neighbours' W), so the solver works on the M
+    distinct patterns: far from every contour all raters agree exactly
+    (masks, and saturated probability maps), and M is a small fraction of N.
+
+    Returns
+    -------
+    D : ndarray (P, M, K) float64
+        The patterns.
+    inverse : ndarray (N_roi,)
+        Pattern of each voxel (inside the ROI, in C order).
+    counts : ndarray (M,)
+        Voxels per pattern.
+    roi : ndarray of bool or None
+    """
+    roi = data.roi()
+    probs = data.probabilities(dtype=np.float32)
+    P, K = probs.shape[0], probs.shape[-1]
+    flat = probs.reshape(P, -1, K) if roi is None else probs[:, roi]
+    rows = np.ascontiguousarray(flat.transpose(1, 0, 2)).reshape(flat.shape[1], P * K)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * P * K)))[:, 0]
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    D = flat[:, first].astype(np.float64)
+    return D, inverse.ravel(), counts.astype(np.float64), roi
 
 
 def fit(
@@ -356,21 +400,31 @@ def fit(
     """
     config = config or Config()
     t0 = time.perf_counter()
-    D, roi = _inputs(data)
-    P, N, K = D.shape
+    D, inverse, counts, roi = unique_patterns(data)
+    P, M, K = D.shape
     theta = initial_theta(P, K, config.init_theta)
-    f = mean_prior(D)
+    f = mean_prior(D, counts)
     beta = float(config.mrf_beta)
     shape = data.shape
 
+    def to_grid(values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Per-pattern values (M, K) onto the grid (*spatial, K)."""
+        grid = np.full(shape + (K,), fill, dtype=np.float64)
+        if roi is None:
+            grid.reshape(-1, K)[...] = values[inverse]
+        else:
+            grid[roi] = values[inverse]
+        return grid
+
+    def per_pattern_sums(W_grid: np.ndarray) -> np.ndarray:
+        """Sum of q(T) over the voxels of each pattern, (M, K)."""
+        Wv = W_grid.reshape(-1, K) if roi is None else W_grid[roi]
+        return np.stack([np.bincount(inverse, weights=Wv[:, k], minlength=M) for k in range(K)], axis=-1)
+
     if beta > 0:
         colours = (np.indices(shape).sum(axis=0) % 2) == 0
-        W_grid = np.zeros(shape + (K,), dtype=np.float64)
         # Start q(T) from the mean of the raters' maps (the soft vote).
-        if roi is None:
-            W_grid[...] = D.mean(axis=0).reshape(shape + (K,))
-        else:
-            W_grid[roi] = D.mean(axis=0)
+        W_grid = to_grid(D.mean(axis=0))
     trace: list[float] = []
     converged, stop = False, "max_iter"
     with _progress.bar(f"{method} EM", total=max_iter, progress=progress) as bar:
@@ -378,17 +432,14 @@ def fit(
             loglik = log_likelihood_terms(D, theta)
             log_f = np.log(f)
             if beta == 0:
-                W, obj = e_step(loglik, log_f)
+                W_u, obj = e_step(loglik, log_f, counts)
+                Wsum = W_u * counts[:, None]
             else:
-                a0 = np.zeros(shape + (K,), dtype=np.float64)
-                if roi is None:
-                    a0[...] = (loglik + log_f).reshape(shape + (K,))
-                else:
-                    a0[roi] = loglik + log_f
+                a0 = to_grid(loglik + log_f)
                 for _ in range(int(config.mrf_sweeps)):
                     mean_field_sweep(W_grid, a0, beta, colours, roi)
                 obj = free_energy(W_grid, a0, beta, roi)
-                W = W_grid.reshape(-1, K) if roi is None else W_grid[roi]
+                Wsum = per_pattern_sums(W_grid)
             if not np.isfinite(obj):
                 raise FloatingPointError(f"{method}: the objective became {obj} at iteration {it + 1}")
             trace.append(obj)
@@ -397,18 +448,18 @@ def fit(
                 converged, stop = True, "tol"
                 break
             if config.m_step == "em":
-                theta = m_step_theta(D, W, theta)
+                theta = m_step_theta(D, Wsum, theta)
             else:
-                theta = m_step_theta_fractional(D, W)
+                theta = m_step_theta_fractional(D, Wsum)
             if config.prior == "estimate":
-                f = m_step_prior(W)
+                f = m_step_prior(Wsum)
 
-    prob = np.zeros(shape + (K,), dtype=np.float32)
-    if roi is None:
-        prob[...] = W.reshape(shape + (K,))
+    if beta == 0:
+        prob = to_grid(W_u).astype(np.float32)
     else:
-        prob[..., 0] = 1.0
-        prob[roi] = W
+        prob = W_grid.astype(np.float32)
+    if roi is not None:
+        prob[~roi, 0] = 1.0
     raters = {"theta": (("rater", "decision", "truth"), theta)}
     if K == 2:
         raters["sensitivity"] = ("rater", theta[:, 1, 1].copy())
