@@ -475,7 +475,7 @@ def _dilate_relative(mask: np.ndarray, spacing: np.ndarray, size: float) -> np.n
 
 def soft_dilation(mask, image, spacing=None, *, gamma: float = 0.3, radius: float | None = None,
                   size: float = 1.2, threshold: float | str = "auto",
-                  direction: str = "auto") -> np.ndarray:
+                  direction: str = "auto", limit: float | str | None = "auto") -> np.ndarray:
     """Soft mask: 1 inside, ``gamma`` on a lesion-like dilated ring, 0 elsewhere.
 
     The anatomical protocol of seed 001, section 3 (MODELS.md section 3):
@@ -512,6 +512,13 @@ def soft_dilation(mask, image, spacing=None, *, gamma: float = 0.3, radius: floa
         ``<= threshold`` (``"below"``: hypodense lesions, e.g. many liver
         tumours in CT). ``"auto"``: ``"above"`` when the median inside the
         mask is at least the ring's median, else ``"below"``.
+    limit : float, "auto" or None
+        A second bound, on the far side of the lesion's intensities: ring
+        voxels beyond it are unlike the lesion too (air or fat beside a
+        hypodense liver tumour, bright artefacts beside a FLAIR lesion) and
+        are dropped. ``"auto"``: the 5th percentile of the intensities inside
+        the mask for ``"below"``, the 95th for ``"above"``. None: no second
+        bound, the paper's one-sided rule.
 
     Returns
     -------
@@ -532,6 +539,8 @@ def soft_dilation(mask, image, spacing=None, *, gamma: float = 0.3, radius: floa
         raise ConfigError(f"direction must be 'auto', 'above' or 'below', not {direction!r}")
     if not (isinstance(threshold, str) and threshold == "auto"):
         threshold = _finite("threshold", threshold)
+    if limit is not None and not (isinstance(limit, str) and limit == "auto"):
+        limit = _finite("limit", limit)
     out = m.astype(np.float32)
     if _degenerate(m) is not None:
         return out
@@ -553,7 +562,12 @@ def soft_dilation(mask, image, spacing=None, *, gamma: float = 0.3, radius: floa
         direction = "above" if med_in >= med_ring else "below"
     if threshold == "auto":
         threshold = 0.5 * (med_in + med_ring)
-    keep = ring & (img >= threshold if direction == "above" else img <= threshold)
+    if limit == "auto":
+        limit = float(np.percentile(img[m], 95 if direction == "above" else 5))
+    if direction == "above":
+        keep = ring & (img >= threshold) & (img <= (np.inf if limit is None else limit))
+    else:
+        keep = ring & (img <= threshold) & (img >= (-np.inf if limit is None else limit))
     out[keep] = np.float32(gamma)
     return out
 
@@ -573,7 +587,8 @@ def _finite(name: str, value) -> float:
 OPTIONS: dict[str, dict[str, Any]] = {
     "euclidean": {"slope": DEFAULT_SLOPE},
     "geodesic": {"slope": DEFAULT_SLOPE, "edge_weight": DEFAULT_EDGE_WEIGHT, "sigma": None, "scale": None},
-    "soft-dilation": {"gamma": 0.3, "radius": None, "size": 1.2, "threshold": "auto", "direction": "auto"},
+    "soft-dilation": {"gamma": 0.3, "radius": None, "size": 1.2, "threshold": "auto", "direction": "auto",
+                      "limit": "auto"},
 }
 
 
@@ -653,7 +668,7 @@ def to_probability(data: RaterMaps, method: str, *, progress: bool | None = None
         def convert(m):
             return geodesic_probability(m, image, sp, slope, scale=scale, **geo)
     else:
-        soft = {k: opts[k] for k in ("gamma", "radius", "size", "threshold", "direction")}
+        soft = {k: opts[k] for k in OPTIONS["soft-dilation"]}
 
         def convert(m):
             return soft_dilation(m, image, sp, **soft)

@@ -277,9 +277,10 @@ def test_soft_dilation_levels_ring_and_threshold():
     ring = out == np.float32(0.3)
     dilated = _dilation(mask, spacing, 3.0) & ~mask
     assert np.all(dilated[ring])  # inside the dilation, outside the mask
-    # "auto": half way between the lesion's median and the ring's median.
+    # "auto": half way between the lesion's median and the ring's median, and
+    # no brighter than the lesion's 95th percentile.
     thr = 0.5 * (np.median(img[mask]) + np.median(img[dilated]))
-    np.testing.assert_array_equal(ring, dilated & (img >= thr))
+    np.testing.assert_array_equal(ring, dilated & (img >= thr) & (img <= np.percentile(img[mask], 95)))
     # The halo side is kept, the normal side is dropped.
     x = np.indices(mask.shape)[0]
     assert ring[x < 16].sum() > 30 and ring[x >= 16].sum() == 0
@@ -295,11 +296,29 @@ def test_soft_dilation_direction_and_explicit_threshold():
     np.testing.assert_array_equal(auto, below)
     halo = (np.indices(mask.shape)[0] < 16) & _dilation(mask, spacing, 2.0) & ~mask
     np.testing.assert_array_equal(auto == np.float32(0.3), halo)
-    above = pp.soft_dilation(mask, dark, spacing, radius=2.0, direction="above", threshold=80.0)
+    above = pp.soft_dilation(mask, dark, spacing, radius=2.0, direction="above", threshold=80.0, limit=None)
     ring = above == np.float32(0.3)
     assert np.all(dark[ring] >= 80.0) and ring.sum() > 0 and not np.any(ring & halo)
-    everything = pp.soft_dilation(mask, dark, spacing, radius=2.0, direction="above", threshold=-1e9)
+    everything = pp.soft_dilation(mask, dark, spacing, radius=2.0, direction="above", threshold=-1e9, limit=None)
     np.testing.assert_array_equal(everything > 0, _dilation(mask, spacing, 2.0))
+
+
+def test_soft_dilation_limit_drops_what_is_darker_than_the_lesion():
+    # A hypodense lesion (40) in tissue (100) beside air (0) on the side
+    # x >= 24: the air passes "below the threshold" but is unlike the lesion.
+    spacing = (1.0, 1.0, 1.0)
+    r = _radius((30, 30, 30), spacing, (20, 15, 15))
+    mask = r <= 6
+    x = np.indices(mask.shape)[0]
+    img = np.where(x >= 24, 0.0, 100.0) - 60.0 * mask + np.random.default_rng(2).normal(0, 3, mask.shape)
+    img[mask] = 40.0 + np.random.default_rng(3).normal(0, 3, mask.sum())
+    ring = _dilation(mask, spacing, 2.0) & ~mask
+    one_sided = pp.soft_dilation(mask, img, spacing, radius=2.0, limit=None) == np.float32(0.3)
+    limited = pp.soft_dilation(mask, img, spacing, radius=2.0) == np.float32(0.3)
+    np.testing.assert_array_equal(one_sided, ring & (x >= 24))
+    assert not limited.any()
+    explicit = pp.soft_dilation(mask, img, spacing, radius=2.0, limit=-10.0) == np.float32(0.3)
+    np.testing.assert_array_equal(explicit, one_sided)
 
 
 def test_soft_dilation_radius_is_in_mm_on_anisotropic_grids():
@@ -339,7 +358,7 @@ def test_soft_dilation_edge_cases_and_options():
     mask = np.zeros((10, 10))
     mask[4:6, 4:6] = 1
     for bad in ({"gamma": 1.0}, {"gamma": 0.0}, {"size": 0.9}, {"direction": "up"},
-                {"threshold": "median"}, {"radius": -1.0}):
+                {"threshold": "median"}, {"radius": -1.0}, {"limit": "low"}):
         with pytest.raises(ConfigError):
             pp.soft_dilation(mask, img, 1.0, **bad)
     with pytest.raises(InputError, match="image"):
@@ -399,7 +418,7 @@ def test_to_probability_errors():
             pp.to_probability(_raters(image=False), method)
     with pytest.raises(ConfigError, match="gamma.*valid: slope"):
         pp.to_probability(_raters(), "euclidean", gamma=0.3)
-    with pytest.raises(ConfigError, match="valid: gamma, radius, size, threshold, direction"):
+    with pytest.raises(ConfigError, match="valid: gamma, radius, size, threshold, direction, limit"):
         pp.to_probability(_raters(), "soft-dilation", slope=1.0)
     with pytest.raises(ConfigError, match="unknown conversion"):
         pp.to_probability(_raters(), "gaussian")
