@@ -216,6 +216,7 @@ def signed_distance(mask, spacing=None, *, band: float | None = None) -> np.ndar
     """
     m = _as_mask(mask)
     sp = _as_spacing(spacing, m.ndim)
+    band = None if band is None else _positive("band", band)
     deg = _degenerate(m)
     if deg is not None:
         return np.full(m.shape, deg, dtype=np.float32)
@@ -420,6 +421,7 @@ def geodesic_signed_distance(mask, image, spacing=None, *, edge_weight: float = 
     m = _as_mask(mask)
     sp = _as_spacing(spacing, m.ndim)
     img = _as_image(image, m.shape)
+    band = None if band is None else _positive("band", band)
     deg = _degenerate(m)
     if deg is not None:
         return np.full(m.shape, deg, dtype=np.float32)
