@@ -45,11 +45,11 @@ random streams: the truth does not depend on the kind or the number of raters,
 rater i's noise does not depend on P, and ``outlier`` is ``simple`` plus the
 outlier's blob.
 
-Size: the distance transform and the noise fields are computed on a grid
-decimated by integer factors so that it holds at most
-:data:`COARSE_VOXELS` voxels, and linearly interpolated to the full grid
-(exactly, by the same interpolation for truth and raters). Seven raters on
-180 x 256 x 256 take a few seconds.
+Size and accuracy: the distance map and the noise fields are computed on a
+near-isotropic working grid (the voxels decimated or refined by integer
+factors per axis, at most about :data:`WORK_VOXELS` nodes) and brought to the
+voxels by linear interpolation, the same for truth and raters. Seven raters on
+180 x 256 x 256 take a few seconds of one core.
 """
 
 from __future__ import annotations
@@ -75,9 +75,15 @@ DEFAULT_SHAPE = {2: (128, 128), 3: (64, 64, 48)}
 #: Smallest size along any axis: smaller grids cannot hold the object and its raters.
 MIN_SIZE = 16
 
-#: The distance transform and noise fields run on a grid of at most this many
-#: voxels (decimated by integer factors), then are interpolated linearly.
-COARSE_VOXELS = 1_500_000
+#: The distance map and noise fields run on a working grid of about this
+#: many nodes at most (fast marching is the costly step).
+WORK_VOXELS = 1_500_000
+
+#: Default spread (mm) of the raters' offsets per kind: smaller where the
+#: phantom's point lies elsewhere (clusters, the core of the multiclass
+#: phantom) so that +-1.5 mm offsets do not drown it on small objects.
+MAX_OFFSET_MM = {"clusters": 0.75, "multiclass": 1.0}
+_DEFAULT_MAX_OFFSET = 1.5
 
 #: Default number of raters per kind.
 DEFAULT_RATERS = {"clusters": 6}
@@ -86,7 +92,7 @@ _DEFAULT_P = 5
 #: Options accepted through ``**options``, with their defaults (None: derived).
 OPTIONS: dict[str, Any] = {
     "offset_mm": None,          # per-rater signed boundary offset (mm); default symmetric, +-max_offset_mm
-    "max_offset_mm": 1.5,       # spread of the default offsets
+    "max_offset_mm": None,      # spread of the default offsets (see MAX_OFFSET_MM)
     "noise_mm": None,           # per-rater boundary noise sd (mm); default 0.4..1.2 in random order
     "noise_scale_mm": 6.0,      # correlation length of the boundary noise (mm)
     "slope_mm": 1.0,            # "probability": width of the sigmoid (mm), scalar or per rater
@@ -95,7 +101,7 @@ OPTIONS: dict[str, Any] = {
     "outlier": None,            # add the outlier rater (default: only for kind "outlier")
     "outlier_rater": None,      # index of the outlier rater (default: the middle one)
     "outlier_mode": "add",      # "add" | "remove" | "both"
-    "outlier_radius_mm": None,  # radius of the outlier ball (default: 0.5 x the object's equivalent radius)
+    "outlier_radius_mm": None,  # radius of the outlier ball (default: 0.65 x the object's equivalent radius)
     "lobe_radius_mm": None,     # "clusters": radius of the lobe / bite (default: 0.6 x equivalent radius)
     "n_lobes": 3,               # ellipsoids in the main body
     "n_satellites": 1,          # separate small blobs
@@ -133,7 +139,7 @@ class Phantom:
         measured ``sensitivity`` / ``specificity`` (binary-like kinds, against
         each rater's own truth, before softening) or ``confusion`` (P, K, K,
         rows: true class), ``spacing``, ``random_seed`` (the entropy that
-        reproduces it), ``band_mm``, ``coarse_factors``, ...
+        reproduces it), ``band_mm``, ``work_grid``, ...
     outlier_region : numpy.ndarray or None
         (*spatial) bool: the ball in which the outlier rater departs from its
         truth; None without an outlier.
@@ -237,7 +243,9 @@ def make_phantom(
     seed_seq = _seed_sequence(random_seed)
     streams = {name: _child(seed_seq, k) for k, name in enumerate(("shape", "image", "raters", "outlier", "clusters", "core"))}
 
-    offsets = _per_rater("offset_mm", opts["offset_mm"], p, default=_default_offsets(membership, opts))
+    max_offset = opts["max_offset_mm"]
+    max_offset = MAX_OFFSET_MM.get(kind, _DEFAULT_MAX_OFFSET) if max_offset is None else _check_nonneg("max_offset_mm", max_offset)
+    offsets = _per_rater("offset_mm", opts["offset_mm"], p, default=_default_offsets(membership, max_offset))
     noise = _per_rater(
         "noise_mm", opts["noise_mm"], p, low=0.0,
         default=np.random.default_rng(_child(streams["raters"], 0)).permutation(np.linspace(0.4, 1.2, p)),
@@ -269,7 +277,7 @@ def make_phantom(
 
     # Generous band: the distance map is exact within it and clipped outside.
     band = max(12.0, 4 * float(np.max(np.abs(offsets))) + 6 * float(noise.max()) + 12 * float(slope.max()), 10 * edge)
-    grid = grid.decimated(noise_scale)
+    grid = grid.working(noise_scale)
 
     # ---- truth(s)
     ellipsoids, phi, n_sat_made = _shape_level(grid, np.random.default_rng(streams["shape"]), n_lobes, n_sat)
@@ -296,7 +304,7 @@ def make_phantom(
     region = None
     ball = None
     if outlier:
-        radius = _radius_option("outlier_radius_mm", opts["outlier_radius_mm"], 0.5 * r_eq, grid)
+        radius = _radius_option("outlier_radius_mm", opts["outlier_radius_mm"], 0.65 * r_eq, grid)
         ball = _outlier_ball(sdf0, grid, np.random.default_rng(streams["outlier"]), radius, mode)
         region = np.zeros(grid.shape, dtype=bool)
         region[ball["slices"]] = ball["sdf"] < 0
@@ -340,7 +348,7 @@ def make_phantom(
         "shape": grid.shape,
         "random_seed": seed_seq.entropy,
         "band_mm": band,
-        "coarse_factors": grid.factors,
+        "work_grid": {"spacing_mm": grid.work_spacing, "factors": grid.factors, "refine": grid.refine},
         "image": {"background": 1.0, "contrast": contrast, "noise": img_noise * contrast, "bias_field": bias, "edge_mm": edge},
         **extra,
     }
@@ -384,49 +392,60 @@ def make_phantom(
 # ============================================================================ grid
 @dataclass(frozen=True)
 class _Grid:
-    """The voxel grid, and the decimated grid the smooth fields are made on.
+    """The voxel grid, and the near-isotropic working grid of the smooth fields.
 
-    Coarse node j along an axis sits on fine voxel ``j * factor``; the last
-    node may lie beyond the grid so that every fine voxel is interpolated.
+    Along each axis the working grid either decimates the voxels by an
+    integer ``factor`` (node j on voxel ``j * factor``, the last node possibly
+    beyond the grid so that every voxel is interpolated) or refines them by
+    an integer ``refine`` (voxel i on node ``i * refine``, read back exactly).
+    Fast marching needs near-isotropic nodes: next to the interface it
+    measures distance along the one axis where the level function changes
+    sign, which on a 0.8 x 0.8 x 2 mm grid puts the boundary up to 1.2 mm off.
     """
 
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
     factors: tuple[int, ...] = ()
+    refine: tuple[int, ...] = ()
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     @property
-    def coarse_shape(self) -> tuple[int, ...]:
-        return tuple(-(-(n - 1) // s) + 1 for n, s in zip(self.shape, self.factors))
+    def work_shape(self) -> tuple[int, ...]:
+        return tuple(
+            -(-(n - 1) // s) + 1 if s > 1 else (n - 1) * k + 1
+            for n, s, k in zip(self.shape, self.factors, self.refine)
+        )
 
     @property
-    def coarse_spacing(self) -> tuple[float, ...]:
-        return tuple(h * s for h, s in zip(self.spacing, self.factors))
+    def work_spacing(self) -> tuple[float, ...]:
+        return tuple(h * s / k for h, s, k in zip(self.spacing, self.factors, self.refine))
 
     @property
     def extent(self) -> np.ndarray:
         """Distance (mm) between the first and last voxel centres per axis."""
         return np.array([(n - 1) * h for n, h in zip(self.shape, self.spacing)])
 
-    def decimated(self, noise_scale: float) -> "_Grid":
-        """Integer factors giving at most COARSE_VOXELS nodes, near-isotropic
-        nodes, and at least two nodes per noise correlation length."""
+    def working(self, noise_scale: float) -> "_Grid":
+        """The working grid: node size ``h`` the same along every axis (to an
+        integer ratio with the voxel size), at least the smallest voxel size,
+        large enough for at most about WORK_VOXELS nodes, and at most half
+        the noise correlation length."""
         volume = float(np.prod([n * h for n, h in zip(self.shape, self.spacing)]))
-        h_target = (volume / COARSE_VOXELS) ** (1 / self.ndim)
-        factors = []
-        for h in self.spacing:
-            s = max(1, math.ceil(h_target / h - 1e-9)) if h_target > h else 1
-            s = min(s, max(1, int(noise_scale / (2 * h))))
-            factors.append(s)
-        return _Grid(self.shape, self.spacing, tuple(factors))
+        h = max(min(self.spacing), (volume / WORK_VOXELS) ** (1 / self.ndim))
+        h = max(min(h, noise_scale / 2), min(self.spacing))
+        factors, refine = [], []
+        for sp in self.spacing:
+            factors.append(max(1, round(h / sp)) if sp <= h else 1)
+            refine.append(max(1, round(sp / h)) if sp > h else 1)
+        return _Grid(self.shape, self.spacing, tuple(factors), tuple(refine))
 
-    def coarse_axes(self) -> list[np.ndarray]:
+    def work_axes(self) -> list[np.ndarray]:
         """Node positions (mm) per axis, shaped for broadcasting."""
         out = []
-        for a, (m, h) in enumerate(zip(self.coarse_shape, self.coarse_spacing)):
+        for a, (m, h) in enumerate(zip(self.work_shape, self.work_spacing)):
             shp = [1] * self.ndim
             shp[a] = m
             out.append((np.arange(m) * h).astype(np.float32).reshape(shp))
@@ -443,12 +462,15 @@ class _Grid:
         return out
 
     def upsample(self, a: np.ndarray) -> np.ndarray:
-        """Separable linear interpolation of a coarse field to the full grid (float32)."""
+        """A working-grid field on the voxels (float32): refined axes are read
+        at their nodes, decimated axes interpolated linearly."""
         a = np.asarray(a, dtype=np.float32)
+        if any(k > 1 for k in self.refine):
+            a = a[tuple(slice(None, None, k) for k in self.refine)]
         for axis in range(self.ndim):
             if self.factors[axis] > 1:
                 a = _upsample_axis(a, axis, self.shape[axis], self.factors[axis])
-        return a
+        return np.ascontiguousarray(a)
 
 
 def _upsample_axis(a: np.ndarray, axis: int, n: int, s: int) -> np.ndarray:
@@ -499,7 +521,7 @@ def _make_grid(ndim, shape, spacing) -> _Grid:
         sp = np.repeat(sp, ndim)
     if sp.size != ndim or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ConfigError(f"spacing must be {ndim} positive voxel sizes in mm, got {spacing!r}")
-    return _Grid(shape, tuple(float(h) for h in sp), (1,) * ndim)
+    return _Grid(shape, tuple(float(h) for h in sp), (1,) * ndim, (1,) * ndim)
 
 
 # ============================================================================ random fields
@@ -520,7 +542,7 @@ def _child(seq: np.random.SeedSequence, *key: int) -> np.random.SeedSequence:
 
 
 def _gaussian_field(grid: _Grid, rng: np.random.Generator, scale_mm: float) -> np.ndarray:
-    """A smooth stationary Gaussian field on the coarse grid, unit variance.
+    """A smooth stationary Gaussian field on the working grid, unit variance.
 
     White noise on a lattice (step at most the kernel's sd, reaching three sd
     beyond the grid) convolved with a Gaussian kernel of sd
@@ -531,7 +553,7 @@ def _gaussian_field(grid: _Grid, rng: np.random.Generator, scale_mm: float) -> n
     edges included.
     """
     mats = []
-    for n, h in zip(grid.coarse_shape, grid.coarse_spacing):
+    for n, h in zip(grid.work_shape, grid.work_spacing):
         # Correlations shorter than half a node are white noise on this grid.
         sd = max(scale_mm / math.sqrt(2), 0.5 * h)
         # A lattice step of one sd leaves a variance ripple of 2 exp(-pi^2)
@@ -555,7 +577,7 @@ def _centred_noise(grid: _Grid, rng: np.random.Generator, scale_mm: float, sdf: 
     rather than equal to it only in expectation.
     """
     f = _gaussian_field(grid, rng, scale_mm)
-    near = np.abs(sdf) < 0.5 * max(grid.coarse_spacing)
+    near = np.abs(sdf) < 0.5 * max(grid.work_spacing)
     if near.any():
         f -= np.float32(f[near].mean())
     return f
@@ -565,7 +587,7 @@ def _centred_noise(grid: _Grid, rng: np.random.Generator, scale_mm: float, sdf: 
 def _normalised_axes(grid: _Grid) -> list[np.ndarray]:
     """Coarse node positions mapped to [-1, 1] over the field of view."""
     half = grid.extent / 2
-    return [(x - half[a]) / half[a] for a, x in enumerate(grid.coarse_axes())]
+    return [(x - half[a]) / half[a] for a, x in enumerate(grid.work_axes())]
 
 
 def _ellipsoid_level(u: list[np.ndarray], centre: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -604,7 +626,7 @@ def _unit_vector(rng, d) -> np.ndarray:
 
 
 def _shape_level(grid: _Grid, rng: np.random.Generator, n_lobes: int, n_sat: int):
-    """Level function of the truth on the coarse grid (negative inside).
+    """Level function of the truth on the working grid (negative inside).
 
     A main body (smooth union of ``n_lobes`` random ellipsoids near the
     centre) plus ``n_sat`` separate smaller blobs, deformed by a smooth random
@@ -614,16 +636,16 @@ def _shape_level(grid: _Grid, rng: np.random.Generator, n_lobes: int, n_sat: int
     d = grid.ndim
     u = _normalised_axes(grid)
     c0 = rng.uniform(-0.1, 0.1, size=d)
-    ellipsoids = [_random_ellipsoid(rng, d, c0, (0.28, 0.4))]
+    ellipsoids = [_random_ellipsoid(rng, d, c0, (0.32, 0.45))]
     for _ in range(n_lobes - 1):
-        ellipsoids.append(_random_ellipsoid(rng, d, c0 + 0.25 * _unit_vector(rng, d), (0.2, 0.32)))
+        ellipsoids.append(_random_ellipsoid(rng, d, c0 + 0.25 * _unit_vector(rng, d), (0.24, 0.36)))
     main = _smooth_min([_ellipsoid_level(u, c, m) for c, m in ellipsoids], 0.3)
     levels = [main]
     made = 0
     for _ in range(n_sat):
         body = _smooth_min(levels, 0.3)
         for _try in range(50):
-            e = _random_ellipsoid(rng, d, 0.66 * _unit_vector(rng, d), (0.12, 0.17))
+            e = _random_ellipsoid(rng, d, 0.7 * _unit_vector(rng, d), (0.12, 0.18))
             lev = _ellipsoid_level(u, *e)
             # Keep it only where it stays apart from everything made so far.
             if not np.any((lev < 0.4) & (body < 0.4)):
@@ -648,7 +670,7 @@ def _signed_distance(phi: np.ndarray, grid: _Grid, band: float) -> np.ndarray:
 
     if not (np.any(phi < 0) and np.any(phi > 0)):
         raise ConfigError("the phantom's object does not fit this grid; use a larger shape")
-    dist = skfmm.distance(phi, dx=list(grid.coarse_spacing), narrow=band)
+    dist = skfmm.distance(phi, dx=list(grid.work_spacing), narrow=band)
     if np.ma.isMaskedArray(dist):
         dist = np.where(np.ma.getmaskarray(dist), np.sign(phi) * band, dist.filled(0))
     return np.clip(dist, -band, band).astype(np.float32)
@@ -656,7 +678,7 @@ def _signed_distance(phi: np.ndarray, grid: _Grid, band: float) -> np.ndarray:
 
 def _equivalent_radius(sdf: np.ndarray, grid: _Grid) -> float:
     """Radius (mm) of the ball (disc in 2-D) with the object's volume (area)."""
-    vol = np.count_nonzero(sdf < 0) * float(np.prod(grid.coarse_spacing))
+    vol = np.count_nonzero(sdf < 0) * float(np.prod(grid.work_spacing))
     unit = math.pi if grid.ndim == 2 else 4 * math.pi / 3
     return (vol / unit) ** (1 / grid.ndim)
 
@@ -669,15 +691,25 @@ def _radius_option(name, value, default, grid: _Grid) -> float:
 
 
 def _boundary_point(sdf: np.ndarray, grid: _Grid, rng: np.random.Generator, reach: float, avoid=()):
-    """A random point on the boundary (mm) whose ``reach``-ball lies inside the
-    field of view, with its outward unit normal; far from the ``avoid`` points."""
-    near = np.abs(sdf) < 0.5 * max(grid.coarse_spacing)
+    """A random point on the main body's boundary (mm) whose ``reach``-ball
+    lies inside the field of view, with its outward unit normal; far from the
+    ``avoid`` points. The main body (largest component), because on a small
+    satellite the raters' own noise can be as large as the feature."""
+    from scipy import ndimage
+
+    h = max(grid.work_spacing)
+    labels, n = ndimage.label(sdf < h)
+    main = labels == (1 + int(np.argmax(ndimage.sum_labels(np.ones_like(sdf), labels, np.arange(1, n + 1)))))
+    near = (np.abs(sdf) < 0.5 * h) & main
     idx = np.argwhere(near)
-    pos = idx * np.asarray(grid.coarse_spacing)
-    inside = np.all((pos >= reach) & (pos <= grid.extent - reach), axis=1)
-    idx, pos = idx[inside], pos[inside]
-    if not len(idx):
-        raise ConfigError(f"no room for a {reach:.3g} mm feature on the object's boundary; use a larger shape")
+    pos = idx * np.asarray(grid.work_spacing)
+    # Room: distance to the nearest side of the field of view. Where no point
+    # has the room asked for, take the roomiest tenth (the feature is clipped).
+    room = np.min(np.minimum(pos, grid.extent - pos), axis=1)
+    keep = room >= reach
+    if not keep.any():
+        keep = room >= np.quantile(room, 0.9)
+    idx, pos = idx[keep], pos[keep]
     if len(avoid):
         dmin = np.min(np.linalg.norm(pos[:, None, :] - np.asarray(avoid)[None], axis=2), axis=1)
         keep = dmin >= np.quantile(dmin, 0.75)
@@ -690,7 +722,7 @@ def _boundary_point(sdf: np.ndarray, grid: _Grid, rng: np.random.Generator, reac
         lo = idx[k].copy()
         hi[a] = min(hi[a] + 1, sdf.shape[a] - 1)
         lo[a] = max(lo[a] - 1, 0)
-        g[a] = (sdf[tuple(hi)] - sdf[tuple(lo)]) / max((hi[a] - lo[a]) * grid.coarse_spacing[a], 1e-12)
+        g[a] = (sdf[tuple(hi)] - sdf[tuple(lo)]) / max((hi[a] - lo[a]) * grid.work_spacing[a], 1e-12)
     n = g / max(np.linalg.norm(g), 1e-12)
     return pos[k], n
 
@@ -701,23 +733,23 @@ def _ball_distance(axes: list[np.ndarray], centre, radius) -> np.ndarray:
 
 def _cluster_truths(sdf0, grid, rng, n_clusters, radius, band) -> list[np.ndarray]:
     """Truth 1: truth 0 with an extra lobe; truth 2: truth 0 with a bite taken out elsewhere."""
-    axes = grid.coarse_axes()
+    axes = grid.work_axes()
     blend = 0.25 * radius
-    p1, n1 = _boundary_point(sdf0, grid, rng, 2.2 * radius)
+    p1, n1 = _boundary_point(sdf0, grid, rng, 1.5 * radius + max(grid.spacing))
     lobe = _ball_distance(axes, p1 + 0.5 * radius * n1, radius)
     out = [_signed_distance(_smooth_min([sdf0.astype(float), lobe], blend), grid, band)]
     if n_clusters == 3:
         p2, n2 = _boundary_point(sdf0, grid, rng, 1.2 * radius, avoid=[p1])
-        bite = _ball_distance(axes, p2 + 0.2 * radius * n2, radius)
+        bite = _ball_distance(axes, p2 - 0.2 * radius * n2, radius)
         out.append(_signed_distance(-_smooth_min([-sdf0.astype(float), bite], blend), grid, band))
     return out
 
 
 def _core_distance(ellipsoids, sdf0, grid, rng, band) -> np.ndarray:
     """Distance map of the core of the multiclass phantom: the object's
-    ellipsoids at half size, deformed, and kept 1.5 voxels inside the object."""
+    ellipsoids at 5/8 size, deformed, and kept 1.5 voxels inside the object."""
     u = _normalised_axes(grid)
-    levels = [_ellipsoid_level(u, c, 2.0 * m) for c, m in ellipsoids]
+    levels = [_ellipsoid_level(u, c, 1.6 * m) for c, m in ellipsoids]
     phi = _smooth_min(levels, 0.3) + 0.06 * _gaussian_field(grid, rng, 0.1 * float(grid.extent.min()))
     core = _signed_distance(phi, grid, band)
     return np.maximum(core, sdf0 + 1.5 * max(grid.spacing))
@@ -725,7 +757,10 @@ def _core_distance(ellipsoids, sdf0, grid, rng, band) -> np.ndarray:
 
 # ============================================================================ outlier
 def _outlier_ball(sdf0, grid, rng, radius, mode) -> dict:
-    centre, normal = _boundary_point(sdf0, grid, rng, 1.1 * radius)
+    anchor, normal = _boundary_point(sdf0, grid, rng, radius + max(grid.spacing))
+    # Most of the ball where the rater departs: outside the truth for a blob
+    # it adds, inside for one it removes; across the boundary for both.
+    centre = anchor + {"add": 0.25, "remove": -0.25, "both": 0.0}[mode] * radius * normal
     tangent = _unit_vector(rng, grid.ndim)
     tangent -= tangent.dot(normal) * normal
     tangent /= max(np.linalg.norm(tangent), 1e-12)
@@ -798,9 +833,8 @@ def _confusion(labels: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
     return out / np.maximum(out.sum(axis=2, keepdims=True), 1)
 
 
-def _default_offsets(membership: np.ndarray, opts) -> np.ndarray:
-    """Symmetric offsets within each truth's raters: -max .. +max mm."""
-    m = _check_nonneg("max_offset_mm", opts["max_offset_mm"])
+def _default_offsets(membership: np.ndarray, m: float) -> np.ndarray:
+    """Symmetric offsets within each truth's raters: -m .. +m mm."""
     out = np.zeros(membership.size)
     for c in np.unique(membership):
         sel = membership == c
