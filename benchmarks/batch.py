@@ -17,7 +17,12 @@ measured in the same run:
 Each timing is the best of ``--repeat`` runs.
 
 Ratios: speed-up of n workers against 1 worker, and 1 worker against the
-serial loop (the overhead of Dask). Run::
+serial loop (the overhead of Dask). To read a speed-up measured on a busy
+machine, the Dask task stream gives two more figures: the mean number of
+subjects in flight (sum of task times / wall time: 2 means the two workers
+never idled) and the mean seconds per subject (which grows when the cores
+are shared with other processes); speed-up = in flight x (seconds per
+subject with 1 worker / with n workers). Run::
 
     /work/venv/bin/python benchmarks/batch.py                    # 8 subjects, staple, 1 and 2 workers
     /work/venv/bin/python benchmarks/batch.py --method pstaple --shape 80 80 56
@@ -85,6 +90,18 @@ def _warm(warm_csv: str, method: str) -> int:
     return os.getpid()
 
 
+def timed_batch(client, study, method, out):
+    """run_batch with the task stream: the summary and each subject's task time."""
+    from dask.distributed import get_task_stream
+
+    from bayesfuse import batch
+
+    with get_task_stream(client) as ts:
+        df = batch.run_batch(study, method, out, client=client, force=True, progress=False)
+    tasks = [sum(s["stop"] - s["start"] for s in r["startstops"] if s["action"] == "compute") for r in ts.data]
+    return df, tasks
+
+
 def best_of(repeat: int, fn) -> tuple[float, object]:
     best, value = float("inf"), None
     for _ in range(repeat):
@@ -139,22 +156,22 @@ def main(argv=None) -> None:
                 t_start = time.perf_counter() - t0
                 client.run(_warm, warm_csv, args.method)
                 out = root / f"dask{n}"
-                t_run, df = best_of(args.repeat, lambda: batch.run_batch(study, args.method, out, client=client, force=True, progress=False))
+                t_run, (df, tasks) = best_of(args.repeat, lambda: timed_batch(client, study, args.method, out))
             assert (df["status"] == "done").all(), df[df["status"] != "done"]
-            results[n] = (t_start, t_run, float(df["dice"].mean()))
+            results[n] = (t_start, t_run, float(df["dice"].mean()), tasks)
 
         n_s = args.subjects
-        print(f"\n{'configuration':<22}{'seconds':>9}{'subjects/min':>14}{'ratio':>26}")
-        print(f"{'read pass (floor)':<22}{t_read:>9.2f}{60 * n_s / t_read:>14.1f}{'':>26}")
-        print(f"{'serial, no Dask':<22}{t_serial:>9.2f}{60 * n_s / t_serial:>14.1f}{'':>26}")
-        base = results.get(1, (0, None, 0))[1]
-        for n, (t_start, t_run, dice) in results.items():
+        print(f"\n{'configuration':<22}{'seconds':>9}{'subjects/min':>14}{'in flight':>11}{'s/subject':>11}{'ratio':>28}")
+        print(f"{'read pass (floor)':<22}{t_read:>9.2f}{60 * n_s / t_read:>14.1f}")
+        print(f"{'serial, no Dask':<22}{t_serial:>9.2f}{60 * n_s / t_serial:>14.1f}{1:>11.2f}{t_serial / n_s:>11.2f}")
+        base = results.get(1, (0, None))[1]
+        for n, (t_start, t_run, dice, tasks) in results.items():
             ratio = ""
             if n == 1:
                 ratio = f"{t_run / t_serial:.2f} x serial time"
             elif base:
                 ratio = f"speed-up {base / t_run:.2f} vs 1 worker"
-            print(f"{f'dask, {n} worker(s)':<22}{t_run:>9.2f}{60 * n_s / t_run:>14.1f}{ratio:>26}")
+            print(f"{f'dask, {n} worker(s)':<22}{t_run:>9.2f}{60 * n_s / t_run:>14.1f}{sum(tasks) / t_run:>11.2f}{np.mean(tasks):>11.2f}{ratio:>28}")
         print("\ncluster start-up (s): " + ", ".join(f"{n} worker(s) {r[0]:.1f}" for n, r in results.items()))
         print(f"mean Dice vs truth: {np.mean([r[2] for r in results.values()]):.3f}; "
               f"per subject, serial: {t_serial / n_s:.2f} s = {t_serial / t_read:.0f} x one read pass of the inputs")
