@@ -644,8 +644,11 @@ def _shape_level(grid: _Grid, rng: np.random.Generator, n_lobes: int, n_sat: int
     made = 0
     for _ in range(n_sat):
         body = _smooth_min(levels, 0.3)
-        for _try in range(50):
-            e = _random_ellipsoid(rng, d, 0.7 * _unit_vector(rng, d), (0.12, 0.18))
+        for _try in range(100):
+            centre = rng.uniform(0.6, 0.85) * _unit_vector(rng, d)
+            if np.any(np.abs(centre) > 0.78):
+                continue  # keep it inside the field of view
+            e = _random_ellipsoid(rng, d, centre, (0.11, 0.17))
             lev = _ellipsoid_level(u, *e)
             # Keep it only where it stays apart from everything made so far.
             if not np.any((lev < 0.4) & (body < 0.4)):

@@ -99,6 +99,26 @@ def test_every_kind_has_the_documented_shape(kind, ndim):
     assert 0.01 < np.mean(ph.truth > 0) < 0.5
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_shape_options_set_the_number_of_parts(ndim):
+    for n_sat in (0, 2):
+        ph = make_phantom("simple", ndim=ndim, random_seed=11, n_raters=2, n_satellites=n_sat)
+        assert ph.params["n_satellites"] == n_sat
+        assert ndimage.label(ph.truth)[1] == 1 + n_sat
+    one = make_phantom("simple", ndim=ndim, random_seed=11, n_raters=2, n_lobes=1, n_satellites=0)
+    many = make_phantom("simple", ndim=ndim, random_seed=11, n_raters=2, n_lobes=5, n_satellites=0)
+    assert many.truth.sum() > one.truth.sum()
+
+
+def test_generator_seed_is_accepted_and_advances():
+    rng = np.random.default_rng(1)
+    a = make_phantom("simple", ndim=2, random_seed=rng)
+    b = make_phantom("simple", ndim=2, random_seed=rng)
+    c = make_phantom("simple", ndim=2, random_seed=np.random.default_rng(1))
+    assert not np.array_equal(a.truth, b.truth)
+    assert a.raters.maps.values.tobytes() == c.raters.maps.values.tobytes()
+
+
 def test_raters_validate_as_input_to_the_foundation():
     """The bare RaterMaps the phantom builds equals what from_arrays makes of the same arrays."""
     ph = make_phantom("outlier", ndim=2, random_seed=3, spacing=(0.9, 1.3))
