@@ -222,12 +222,148 @@ def make_phantom(
         ``kind="soft"`` while :func:`bayesfuse.preprocess.soft_dilation` is
         missing from this installation.
     """
+    spec = _validate(kind, ndim, shape, n_raters, n_clusters, random_seed, spacing, options)
+    grid = spec.grid
+    p = spec.n_raters
+    streams = {name: _child(spec.seed, k) for k, name in enumerate(("shape", "image", "raters", "outlier", "clusters", "core"))}
+    noise = spec.noise_mm
+    if noise is None:
+        noise = np.random.default_rng(_child(streams["raters"], 0)).permutation(np.linspace(0.4, 1.2, p))
+    offsets, slope = spec.offset_mm, spec.slope_mm
+    # Generous band: the distance map is exact within it and clipped outside.
+    band = max(12.0, 4 * float(np.max(np.abs(offsets))) + 6 * float(noise.max()) + 12 * float(slope.max()), 10 * spec.edge_mm)
+
+    # ---- truth(s), on the working grid
+    ellipsoids, phi, n_sat_made = _shape_level(grid, np.random.default_rng(streams["shape"]), spec.n_lobes, spec.n_satellites)
+    sdf0 = _signed_distance(phi, grid, band)
+    r_eq = _equivalent_radius(sdf0, grid)
+    fields = [sdf0]
+    extra: dict[str, Any] = {}
+    if kind == "clusters":
+        lobe_r = spec.lobe_radius_mm or max(0.6 * r_eq, 2 * max(grid.spacing))
+        fields += _cluster_truths(sdf0, grid, np.random.default_rng(streams["clusters"]), spec.n_truths, lobe_r, band)
+        extra["lobe_radius_mm"] = lobe_r
+    core = None
+    if kind == "multiclass":
+        core = _core_distance(ellipsoids, sdf0, grid, np.random.default_rng(streams["core"]), band)
+    fine_truths = [grid.upsample(f) for f in fields]
+    truths = np.stack([(f < 0).astype(np.uint8) for f in fine_truths])
+    core_fine = None
+    if core is not None:
+        core_fine = grid.upsample(core)
+        truths[0] += core_fine < 0
+    ball, region = None, None
+    if spec.outlier:
+        radius = spec.outlier_radius_mm or max(0.65 * r_eq, 2 * max(grid.spacing))
+        ball = _outlier_ball(sdf0, grid, np.random.default_rng(streams["outlier"]), radius, spec.outlier_mode)
+        region = np.zeros(grid.shape, dtype=bool)
+        region[ball["slices"]] = ball["sdf"] < 0
+        extra.update(outlier_radius_mm=radius, outlier_centre_mm=ball["centre"])
+
+    # ---- raters: thresholds (or sigmoids) of d_i = s - offset_i - noise_i n_i
+    maps = np.empty((p,) + grid.shape, dtype=np.float32 if kind == "probability" else np.uint8)
+    for i in range(p):
+        rng_i = np.random.default_rng(_child(streams["raters"], 1, i))
+        own = fields[spec.membership[i]]
+        d = grid.upsample(own - offsets[i] - noise[i] * _centred_noise(grid, rng_i, spec.noise_scale_mm, own))
+        if spec.outlier and i == spec.outlier_rater:
+            _apply_outlier(d, ball, spec.outlier_mode)
+        if kind == "probability":
+            from scipy.special import expit
+
+            maps[i] = expit(-d / slope[i])
+        elif kind == "multiclass":
+            dc = grid.upsample(core - offsets[i] - noise[i] * _centred_noise(grid, rng_i, spec.noise_scale_mm, core))
+            np.maximum(dc, d, out=dc)  # the rater's core lies inside its object
+            maps[i] = (d < 0).astype(np.uint8) + (dc < 0)
+        else:
+            maps[i] = d < 0
+
+    # ---- image (edges follow the first truth)
+    image = _image(fine_truths[0], core_fine, grid, np.random.default_rng(streams["image"]),
+                   spec.contrast, spec.image_noise, spec.bias_field, spec.edge_mm)
+
+    params: dict[str, Any] = {
+        "kind": kind,
+        "offset_mm": offsets,
+        "noise_mm": noise,
+        "noise_scale_mm": spec.noise_scale_mm,
+        "outlier": np.arange(p) == spec.outlier_rater if spec.outlier else np.zeros(p, dtype=bool),
+        "outlier_rater": spec.outlier_rater if spec.outlier else None,
+        "outlier_mode": spec.outlier_mode if spec.outlier else None,
+        "n_clusters": spec.n_truths,
+        "n_satellites": n_sat_made,
+        "equivalent_radius_mm": r_eq,
+        "spacing": grid.spacing,
+        "shape": grid.shape,
+        "random_seed": spec.seed.entropy,
+        "band_mm": band,
+        "work_grid": {"spacing_mm": grid.work_spacing, "factors": grid.factors, "refine": grid.refine},
+        "image": {"background": 1.0, "contrast": spec.contrast, "noise": spec.image_noise * spec.contrast,
+                  "bias_field": spec.bias_field, "edge_mm": spec.edge_mm},
+        **extra,
+        **_performance(maps > 0.5 if kind == "probability" else maps, truths, spec.membership, kind),
+    }
+    if kind == "probability":
+        params["slope_mm"] = slope
+    if kind == "soft":
+        params["gamma"] = spec.gamma
+        soft = np.empty(maps.shape, dtype=np.float32)
+        for i in range(p):
+            soft[i] = spec.soft_fn(maps[i], image, grid.spacing, gamma=spec.gamma, **spec.soft_options)
+        maps = soft
+
+    rkind = {"probability": "probability", "soft": "probability", "multiclass": "labels"}.get(kind, "binary")
+    raters = _rater_maps(maps, rkind, 3 if kind == "multiclass" else 2, grid, image)
+    return Phantom(
+        kind=kind,
+        raters=raters,
+        truth=truths[0],
+        truths=truths,
+        membership=spec.membership,
+        params=params,
+        outlier_region=region,
+        signed_distance=fine_truths[0],
+    )
+
+
+# ============================================================================ options
+@dataclass(frozen=True)
+class _Spec:
+    """The validated request: every option checked before any work is done."""
+
+    grid: "_Grid"
+    n_raters: int
+    n_truths: int
+    membership: np.ndarray
+    seed: np.random.SeedSequence
+    offset_mm: np.ndarray
+    noise_mm: np.ndarray | None  # None: drawn from the raters' stream
+    noise_scale_mm: float
+    slope_mm: np.ndarray
+    gamma: float
+    soft_fn: Any
+    soft_options: dict
+    outlier: bool
+    outlier_rater: int
+    outlier_mode: str
+    outlier_radius_mm: float | None
+    lobe_radius_mm: float | None
+    n_lobes: int
+    n_satellites: int
+    contrast: float
+    image_noise: float
+    bias_field: float
+    edge_mm: float
+
+
+def _validate(kind, ndim, shape, n_raters, n_clusters, random_seed, spacing, options) -> _Spec:
     if kind not in PHANTOM_KINDS:
         raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(PHANTOM_KINDS)}")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"unknown phantom option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTIONS)}")
-    opts = {**OPTIONS, **options}
+    o = {**OPTIONS, **options}
     grid = _make_grid(ndim, shape, spacing)
     n_clusters = _check_int("n_clusters", n_clusters, 2)
     if kind == "clusters":
@@ -239,154 +375,83 @@ def make_phantom(
     p = DEFAULT_RATERS.get(kind, _DEFAULT_P) if n_raters is None else _check_int("n_raters", n_raters, 2)
     if p < n_truths:
         raise ConfigError(f"n_raters={p} is fewer than the {n_truths} truths of the 'clusters' phantom")
+    # Contiguous blocks: rater0.. around truth 0, then truth 1, ...
     membership = np.repeat(np.arange(n_truths), [len(b) for b in np.array_split(np.arange(p), n_truths)])
-    seed_seq = _seed_sequence(random_seed)
-    streams = {name: _child(seed_seq, k) for k, name in enumerate(("shape", "image", "raters", "outlier", "clusters", "core"))}
 
-    max_offset = opts["max_offset_mm"]
+    max_offset = o["max_offset_mm"]
     max_offset = MAX_OFFSET_MM.get(kind, _DEFAULT_MAX_OFFSET) if max_offset is None else _check_nonneg("max_offset_mm", max_offset)
-    offsets = _per_rater("offset_mm", opts["offset_mm"], p, default=_default_offsets(membership, max_offset))
-    noise = _per_rater(
-        "noise_mm", opts["noise_mm"], p, low=0.0,
-        default=np.random.default_rng(_child(streams["raters"], 0)).permutation(np.linspace(0.4, 1.2, p)),
-    )
-    noise_scale = _check_positive("noise_scale_mm", opts["noise_scale_mm"])
-    slope = _per_rater("slope_mm", opts["slope_mm"], p, low=0.0, strict=True)
-    gamma = _check_positive("gamma", opts["gamma"])
+    offsets = _per_rater("offset_mm", o["offset_mm"], p, default=_default_offsets(membership, max_offset))
+    noise = None if o["noise_mm"] is None else _per_rater("noise_mm", o["noise_mm"], p, low=0.0)
+    noise_scale = _check_positive("noise_scale_mm", o["noise_scale_mm"])
+    slope = _per_rater("slope_mm", o["slope_mm"], p, low=0.0, strict=True)
+    gamma = _check_positive("gamma", o["gamma"])
     if not gamma < 1:
         raise ConfigError(f"gamma must lie in (0, 1), got {gamma}")
-    outlier = kind == "outlier" if opts["outlier"] is None else bool(opts["outlier"])
+    soft_options = o["soft_options"] or {}
+    if not isinstance(soft_options, dict):
+        raise ConfigError(f"soft_options must be a dict of soft_dilation arguments, got {soft_options!r}")
+    soft_fn = None
+    if kind == "soft":
+        soft_fn = _soft_dilation()
+        import inspect
+
+        try:
+            inspect.signature(soft_fn).bind(None, None, None, gamma=gamma, **soft_options)
+        except TypeError as exc:
+            raise ConfigError(f"soft_options {sorted(soft_options)} do not fit soft_dilation: {exc}") from None
+
+    outlier = kind == "outlier" if o["outlier"] is None else bool(o["outlier"])
     if kind == "clusters" and outlier:
         raise ConfigError("the 'clusters' phantom has no outlier rater (use kind 'outlier')")
-    mode = opts["outlier_mode"]
+    mode = o["outlier_mode"]
     if mode not in _OUTLIER_MODES:
         raise ConfigError(f"outlier_mode must be one of {', '.join(_OUTLIER_MODES)}, got {mode!r}")
-    out_rater = p // 2 if opts["outlier_rater"] is None else _check_int("outlier_rater", opts["outlier_rater"], 0)
+    out_rater = p // 2 if o["outlier_rater"] is None else _check_int("outlier_rater", o["outlier_rater"], 0)
     if out_rater >= p:
         raise ConfigError(f"outlier_rater={out_rater} but there are {p} raters (0..{p - 1})")
-    n_lobes = _check_int("n_lobes", opts["n_lobes"], 1)
-    n_sat = _check_int("n_satellites", opts["n_satellites"], 0)
-    edge = _check_positive("edge_mm", opts["edge_mm"]) if opts["edge_mm"] is not None else 0.5 * min(grid.spacing)
-    contrast = _check_positive("contrast", opts["contrast"])
-    img_noise = _check_nonneg("image_noise", opts["image_noise"])
-    bias = _check_nonneg("bias_field", opts["bias_field"])
+    bias = _check_nonneg("bias_field", o["bias_field"])
     if bias >= 0.5:
         raise ConfigError(f"bias_field must be below 0.5 (a multiplicative bias keeping intensities positive), got {bias}")
-    soft_options = dict(opts["soft_options"] or {})
-    soft_fn = _soft_dilation() if kind == "soft" else None  # fail before the work is done
-
-    # Generous band: the distance map is exact within it and clipped outside.
-    band = max(12.0, 4 * float(np.max(np.abs(offsets))) + 6 * float(noise.max()) + 12 * float(slope.max()), 10 * edge)
-    grid = grid.working(noise_scale)
-
-    # ---- truth(s)
-    ellipsoids, phi, n_sat_made = _shape_level(grid, np.random.default_rng(streams["shape"]), n_lobes, n_sat)
-    sdf0 = _signed_distance(phi, grid, band)
-    r_eq = _equivalent_radius(sdf0, grid)
-    fields = [sdf0]
-    extra: dict[str, Any] = {}
-    if kind == "clusters":
-        lobe_r = _radius_option("lobe_radius_mm", opts["lobe_radius_mm"], 0.6 * r_eq, grid)
-        fields += _cluster_truths(sdf0, grid, np.random.default_rng(streams["clusters"]), n_clusters, lobe_r, band)
-        extra["lobe_radius_mm"] = lobe_r
-    core = None
-    if kind == "multiclass":
-        core = _core_distance(ellipsoids, sdf0, grid, np.random.default_rng(streams["core"]), band)
-
-    # ---- raters
-    rater_streams = [_child(streams["raters"], 1, i) for i in range(p)]
-    fine_truths = [grid.upsample(f) for f in fields]
-    truths = np.stack([(s < 0).astype(np.uint8) for s in fine_truths])
-    core_fine = None
-    if core is not None:
-        core_fine = grid.upsample(core)
-        truths[0] += core_fine < 0
-    region = None
-    ball = None
-    if outlier:
-        radius = _radius_option("outlier_radius_mm", opts["outlier_radius_mm"], 0.65 * r_eq, grid)
-        ball = _outlier_ball(sdf0, grid, np.random.default_rng(streams["outlier"]), radius, mode)
-        region = np.zeros(grid.shape, dtype=bool)
-        region[ball["slices"]] = ball["sdf"] < 0
-        extra.update(outlier_radius_mm=radius, outlier_centre_mm=ball["centre"])
-
-    maps = np.empty((p,) + grid.shape, dtype=np.float32 if kind == "probability" else np.uint8)
-    binary_masks = maps if kind != "probability" else None
-    for i in range(p):
-        rng_i = np.random.default_rng(rater_streams[i])
-        own = fields[membership[i]]
-        d = grid.upsample(own - offsets[i] - noise[i] * _centred_noise(grid, rng_i, noise_scale, own))
-        if outlier and i == out_rater:
-            _apply_outlier(d, ball, mode)
-        if kind == "probability":
-            from scipy.special import expit
-
-            maps[i] = expit(-d / slope[i])
-        elif kind == "multiclass":
-            dc = grid.upsample(core - offsets[i] - noise[i] * _centred_noise(grid, rng_i, noise_scale, core))
-            np.maximum(dc, d, out=dc)  # the rater's core lies inside its object
-            maps[i] = (d < 0).astype(np.uint8) + (dc < 0)
-        else:
-            maps[i] = d < 0
-
-    # ---- image (edges follow the first truth)
-    image = _image(fine_truths[0], core_fine, grid, np.random.default_rng(streams["image"]), contrast, img_noise, bias, edge)
-
-    # ---- measured performance, before any softening
-    params: dict[str, Any] = {
-        "kind": kind,
-        "offset_mm": offsets,
-        "noise_mm": noise,
-        "noise_scale_mm": noise_scale,
-        "outlier": np.arange(p) == out_rater if outlier else np.zeros(p, dtype=bool),
-        "outlier_rater": out_rater if outlier else None,
-        "outlier_mode": mode if outlier else None,
-        "n_clusters": n_truths,
-        "n_satellites": n_sat_made,
-        "equivalent_radius_mm": r_eq,
-        "spacing": grid.spacing,
-        "shape": grid.shape,
-        "random_seed": seed_seq.entropy,
-        "band_mm": band,
-        "work_grid": {"spacing_mm": grid.work_spacing, "factors": grid.factors, "refine": grid.refine},
-        "image": {"background": 1.0, "contrast": contrast, "noise": img_noise * contrast, "bias_field": bias, "edge_mm": edge},
-        **extra,
-    }
-    if kind == "probability":
-        params["slope_mm"] = slope
-        hard = maps > 0.5
-    else:
-        hard = binary_masks
-    if kind == "multiclass":
-        params["confusion"] = _confusion(hard, truths[0], 3)
-    else:
-        own_truth = truths[membership]
-        tp = np.count_nonzero(hard.reshape(p, -1) & own_truth.reshape(p, -1).astype(bool), axis=1)
-        pos = np.count_nonzero(own_truth.reshape(p, -1), axis=1)
-        fp = np.count_nonzero(hard.reshape(p, -1), axis=1) - tp
-        neg = own_truth[0].size - pos
-        params["sensitivity"] = tp / np.maximum(pos, 1)
-        params["specificity"] = 1 - fp / np.maximum(neg, 1)
-
-    if kind == "soft":
-        params["gamma"] = gamma
-        soft = np.empty(maps.shape, dtype=np.float32)
-        for i in range(p):
-            soft[i] = soft_fn(maps[i], image, grid.spacing, gamma=gamma, **soft_options)
-        maps = soft
-
-    rkind = {"probability": "probability", "soft": "probability", "multiclass": "labels"}.get(kind, "binary")
-    raters = _rater_maps(maps, rkind, 3 if kind == "multiclass" else 2, grid, image)
-    return Phantom(
-        kind=kind,
-        raters=raters,
-        truth=truths[0],
-        truths=truths,
+    return _Spec(
+        grid=grid.working(noise_scale),
+        n_raters=p,
+        n_truths=n_truths,
         membership=membership,
-        params=params,
-        outlier_region=region,
-        signed_distance=fine_truths[0],
+        seed=_seed_sequence(random_seed),
+        offset_mm=offsets,
+        noise_mm=noise,
+        noise_scale_mm=noise_scale,
+        slope_mm=slope,
+        gamma=gamma,
+        soft_fn=soft_fn,
+        soft_options=dict(soft_options),
+        outlier=outlier,
+        outlier_rater=out_rater,
+        outlier_mode=mode,
+        outlier_radius_mm=_radius_option("outlier_radius_mm", o["outlier_radius_mm"], grid),
+        lobe_radius_mm=_radius_option("lobe_radius_mm", o["lobe_radius_mm"], grid),
+        n_lobes=_check_int("n_lobes", o["n_lobes"], 1),
+        n_satellites=_check_int("n_satellites", o["n_satellites"], 0),
+        contrast=_check_positive("contrast", o["contrast"]),
+        image_noise=_check_nonneg("image_noise", o["image_noise"]),
+        bias_field=bias,
+        edge_mm=_check_positive("edge_mm", o["edge_mm"]) if o["edge_mm"] is not None else 0.5 * min(grid.spacing),
     )
+
+
+def _performance(hard: np.ndarray, truths: np.ndarray, membership: np.ndarray, kind: str) -> dict:
+    """Each rater's measured performance against its own truth: sensitivity
+    and specificity, or (multiclass) the row-normalised confusion matrix."""
+    if kind == "multiclass":
+        return {"confusion": _confusion(hard, truths[0], 3)}
+    p = hard.shape[0]
+    flat = hard.reshape(p, -1).astype(bool, copy=False)
+    own = truths[membership].reshape(p, -1).astype(bool)
+    tp = np.count_nonzero(flat & own, axis=1)
+    pos = np.count_nonzero(own, axis=1)
+    fp = np.count_nonzero(flat, axis=1) - tp
+    neg = own.shape[1] - pos
+    return {"sensitivity": tp / np.maximum(pos, 1), "specificity": 1 - fp / np.maximum(neg, 1)}
 
 
 # ============================================================================ grid
@@ -686,11 +751,14 @@ def _equivalent_radius(sdf: np.ndarray, grid: _Grid) -> float:
     return (vol / unit) ** (1 / grid.ndim)
 
 
-def _radius_option(name, value, default, grid: _Grid) -> float:
-    r = default if value is None else _check_positive(name, value)
+def _radius_option(name, value, grid: _Grid) -> float | None:
+    """A radius option in mm (None: derived from the object later)."""
+    if value is None:
+        return None
+    r = _check_positive(name, value)
     if r < 2 * max(grid.spacing):
         raise ConfigError(f"{name}={r:.3g} mm is below two voxels ({2 * max(grid.spacing):.3g} mm)")
-    return float(r)
+    return r
 
 
 def _boundary_point(sdf: np.ndarray, grid: _Grid, rng: np.random.Generator, reach: float, avoid=()):

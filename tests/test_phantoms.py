@@ -423,8 +423,10 @@ def test_soft_options_reach_soft_dilation():
     wide = make_phantom("soft", ndim=2, random_seed=3, soft_options={"radius": 4.0})
     g = np.float32(0.3)
     assert (wide.raters.maps.values == g).sum() > (narrow.raters.maps.values == g).sum()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="direction"):
         make_phantom("soft", ndim=2, soft_options={"direction": "sideways"})
+    with pytest.raises(ConfigError, match="do not fit soft_dilation"):
+        make_phantom("soft", ndim=2, soft_options={"radius_mm": 2.0})
 
 
 @pytest.mark.parametrize("geometry", [dict(ndim=3), ANISO_2D], ids=["3d", "2d-aniso"])
@@ -499,8 +501,11 @@ def test_errors_come_before_the_work(monkeypatch):
         raise AssertionError("computed before validating")
 
     monkeypatch.setattr(phantoms, "_signed_distance", boom)
-    with pytest.raises(ConfigError):
-        make_phantom("outlier", outlier_mode="swap")
+    for kind, bad in [("outlier", dict(outlier_mode="swap")), ("outlier", dict(outlier_radius_mm=0.5)),
+                      ("clusters", dict(lobe_radius_mm=-1)), ("soft", dict(soft_options={"radius_mm": 2.0})),
+                      ("soft", dict(soft_options="wide")), ("simple", dict(edge_mm=0))]:
+        with pytest.raises(ConfigError):
+            make_phantom(kind, **bad)
 
 
 # ----------------------------------------------------------------- size
