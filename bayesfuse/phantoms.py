@@ -49,7 +49,11 @@ Size and accuracy: the distance map and the noise fields are computed on a
 near-isotropic working grid (the voxels decimated or refined by integer
 factors per axis, at most about :data:`WORK_VOXELS` nodes) and brought to the
 voxels by linear interpolation, the same for truth and raters. Seven raters on
-180 x 256 x 256 take a few seconds of one core.
+180 x 256 x 256 take a few seconds of one core. Measured (tests): the distance
+map is within 0.45 mm of the exact distance to its zero set (mean 0.03 mm,
+first-order fast marching overestimates slightly), and noise-free offsets of
+up to 2 mm come out within 0.2 mm (0.35 mm with 1 mm boundary noise), on
+isotropic and anisotropic voxels alike.
 """
 
 from __future__ import annotations
