@@ -195,7 +195,7 @@ class KernelData:
 _FG_MODES = {"sqrt": MODE_SQRT2, "logit": MODE_LOGIT2, "identity": MODE_IDENT2}
 
 
-def prepare(data: RaterMaps, link: str = "sqrt", voxels: np.ndarray | None = None) -> KernelData:
+def prepare(data: RaterMaps, link: str = "sqrt", voxels: np.ndarray | None = None, box: tuple[slice, ...] | None = None) -> KernelData:
     """Put a subject's maps into the kernels' storage.
 
     A two-class problem without a class axis keeps its foreground map as
@@ -207,16 +207,21 @@ def prepare(data: RaterMaps, link: str = "sqrt", voxels: np.ndarray | None = Non
     data : RaterMaps
     link : {"sqrt", "logit", "identity"}
     voxels : ndarray of int, optional
-        Flat indices of the voxels to keep (e.g. a region of interest).
+        Flat indices of the voxels to keep (e.g. a region of interest), into
+        the box when one is given.
+    box : tuple of slice, optional
+        A sub-box of the spatial grid to keep (applied before ``voxels``).
     """
     space = link_space(link, data.n_classes)
     p = data.n_raters
+    sel = (slice(None),) + tuple(box) if box is not None else (slice(None),)
     if data.n_classes == 2 and not data.has_class_axis:
-        fg = data.foreground(np.float32).reshape(p, -1)
+        fg = data.foreground(np.float32)[sel].reshape(p, -1)
         if voxels is not None:
             fg = fg[:, voxels]
-        return KernelData(fg[:, :, None], _FG_MODES[link], space)
-    probs = data.probabilities(np.float32).reshape(p, -1, data.n_classes)
+        # C order (a no-op for the plain view): one compiled kernel per dtype
+        return KernelData(np.ascontiguousarray(fg)[:, :, None], _FG_MODES[link], space)
+    probs = data.probabilities(np.float32)[sel].reshape(p, -1, data.n_classes)
     if voxels is not None:
         probs = probs[:, voxels]
     X = np.empty(probs.shape[:2] + (space.dim,), dtype=np.float32)
@@ -602,23 +607,90 @@ def covariance_m_step(
 
 
 # ------------------------------------------ probability-space summaries
+@njit(inline="always", cache=True)
+def _select(a, k):
+    """The k-th smallest entry of ``a`` (partially reorders ``a``; Hoare's quickselect)."""
+    lo, hi = 0, a.shape[0] - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@njit(inline="always", cache=True)
+def _quantile(a, q):
+    """numpy's default (linear) quantile of ``a`` at level q; reorders ``a``."""
+    n = a.shape[0]
+    h = (n - 1) * q
+    k = int(math.floor(h))
+    lo = _select(a, k)
+    if k + 1 >= n:
+        return lo
+    hi = a[k + 1]
+    for i in range(k + 2, n):  # after selecting k, a[k+1:] holds the larger values
+        if a[i] < hi:
+            hi = a[i]
+    return lo + (h - k) * (hi - lo)
+
+
 @njit(parallel=True, cache=True)
-def _mc_transform(mu, Lc, z, code, basis, out):
-    """out[b, s, :] = F^-1(mu[b] + Lc[b] z[b, s]) for one block of voxels."""
-    B, S, D = z.shape
-    K = out.shape[2]
-    for b in prange(B):
+def _mc_summaries(mu, S, z, code, basis, q_lo, q_hi, want_q, mean_out, sd_out, lo_out, hi_out, block):
+    """Mean, sd and two quantiles of F^-1(mu[n] + chol(S[n]) z[s]) over the draws s."""
+    N, D = mu.shape
+    n_draws = z.shape[0]
+    K = mean_out.shape[1]
+    nb = (N + block - 1) // block
+    for ib in prange(nb):
+        A = np.empty((D, D))
+        L = np.empty((D, D))
         r = np.empty(D)
         pk = np.empty(K)
-        for s in range(S):
+        vals = np.empty((K, n_draws))
+        for n in range(ib * block, min(N, (ib + 1) * block)):
             for i in range(D):
-                t = mu[b, i]
-                for j in range(i + 1):
-                    t += Lc[b, i, j] * z[b, s, j]
-                r[i] = t
-            inverse_link(r, code, basis, pk)
+                for j in range(D):
+                    A[i, j] = S[n, i, j]
+            if not chol(A, L, D) > -np.inf:
+                for i in range(D):  # zero variance: a point mass at mu
+                    for j in range(D):
+                        L[i, j] = 0.0
+            for s in range(n_draws):
+                for i in range(D):
+                    t = mu[n, i]
+                    for j in range(i + 1):
+                        t += L[i, j] * z[s, j]
+                    r[i] = t
+                inverse_link(r, code, basis, pk)
+                for k in range(K):
+                    vals[k, s] = pk[k]
             for k in range(K):
-                out[b, s, k] = pk[k]
+                m1 = 0.0
+                for s in range(n_draws):
+                    m1 += vals[k, s]
+                m1 /= n_draws
+                m2 = 0.0
+                for s in range(n_draws):
+                    m2 += (vals[k, s] - m1) ** 2
+                mean_out[n, k] = m1
+                sd_out[n, k] = math.sqrt(m2 / max(n_draws - 1, 1))
+                if want_q:
+                    lo_out[n, k] = _quantile(vals[k], q_lo)
+                    hi_out[n, k] = _quantile(vals[k], q_hi)
 
 
 @njit(parallel=True, cache=True)
@@ -641,7 +713,6 @@ def _quad_moments(mu, S, nodes, wts, code, basis, mean_out, sd_out, block):
                 for j in range(D):
                     A[i, j] = S[n, i, j]
             if not chol(A, L, D) > -np.inf:
-                # a degenerate S (zero variance): the map is a point mass
                 for i in range(D):
                     for j in range(D):
                         L[i, j] = 0.0
@@ -670,88 +741,144 @@ def _quad_moments(mu, S, nodes, wts, code, basis, mean_out, sd_out, block):
                 sd_out[n, k] = math.sqrt(max(m2[k] - m1[k] * m1[k], 0.0))
 
 
+def _space_of(link, dim: int) -> LinkSpace:
+    if isinstance(link, LinkSpace):
+        if link.dim != dim:
+            raise ValueError(f"link space has {link.dim} coordinates, the means have {dim}")
+        return link
+    return link_space(link, dim if link == "sqrt" else dim + 1)
+
+
 def probability_summaries(
     mu: np.ndarray,
     S: np.ndarray,
-    space: LinkSpace,
+    link: str | LinkSpace = "sqrt",
     *,
-    method: str = "mc",
+    mass: float | None = 0.9,
+    method: str = "auto",
     n_draws: int = 256,
-    rng: np.random.Generator | int | None = None,
-    block_size: int = 4096,
-    interval: float | None = 0.9,
+    random_seed=None,
+    block_size: int = BLOCK,
     n_nodes: int = 9,
 ) -> dict[str, np.ndarray]:
-    """Posterior summaries of the probability map F^-1(T~), T~[n] ~ N(mu[n], S[n]).
+    """Posterior summaries of the probability map F^-1(T~) when T~[n] ~ N(mu[n], S[n]).
 
     Parameters
     ----------
-    mu : ndarray (N, D)
-        Means in link coordinates (voxels first; pass ``mu.T`` for a
-        class-first array).
-    S : ndarray (N, D, D)
-        Covariances.
-    space : LinkSpace
-    method : {"mc", "quadrature"}
-        ``"mc"``: Monte Carlo, streamed over blocks of ``block_size`` voxels,
-        never holding more than one block's draws (block_size x n_draws x K);
-        gives mean, sd and the central interval. ``"quadrature"``: a tensor
-        Gauss-Hermite rule with ``n_nodes`` points per coordinate
-        (n_nodes ** D evaluations per voxel), deterministic, for mean and sd
-        only (no interval); meant for D <= 3.
+    mu : ndarray (..., D)
+        Means in link coordinates, any leading (voxel) dims; for a
+        class-first array pass ``np.moveaxis(mu, 0, -1)``.
+    S : ndarray (..., D, D)
+        Covariances, same leading dims.
+    link : str or LinkSpace
+        ``"sqrt"`` (D = K), ``"logit"`` or ``"identity"`` (D = K - 1), or a
+        :class:`LinkSpace`.
+    mass : float or None
+        Mass of the central interval; None skips the quantiles.
+    method : {"auto", "mc", "quadrature"}
+        ``"mc"``: Monte Carlo with common random numbers: ``n_draws``
+        standard normal points (scrambled Sobol, seeded by ``random_seed``)
+        are shared by all voxels and mapped through each voxel's mean and
+        Cholesky factor, so no draw of the volume is ever held (memory is
+        one K x n_draws buffer per thread) and no random generator runs per
+        voxel. ``"quadrature"``: tensor Gauss-Hermite rule with ``n_nodes``
+        points per coordinate (``n_nodes ** D`` evaluations per voxel) for
+        the mean and sd; the interval is exact when D = 1 (F^-1 is then
+        monotone in the coordinate) and omitted otherwise. ``"auto"``:
+        quadrature when D = 1, Monte Carlo otherwise.
     n_draws : int
-        Draws per voxel (MC).
-    rng : Generator or seed, optional
+        Monte Carlo draws per voxel (a power of 2 keeps the Sobol points
+        balanced).
+    random_seed : int or Generator, optional
     block_size : int
-        Voxels per block (MC).
-    interval : float or None
-        Mass of the central interval (MC); None to skip the quantiles.
+        Voxels per parallel block (does not change the results).
     n_nodes : int
-        Gauss-Hermite points per coordinate (quadrature).
+        Gauss-Hermite points per coordinate.
 
     Returns
     -------
-    dict with ``mean`` and ``sd`` (N, K), and for MC with an interval
-    ``lower`` and ``upper`` (N, K) and ``interval`` (the mass), all float32.
+    dict of float32 arrays (..., K)
+        ``consensus_mean``, ``consensus_sd`` and, with an interval,
+        ``consensus_lo`` / ``consensus_hi`` (the (1 - mass)/2 and
+        (1 + mass)/2 quantiles).
     """
-    mu = np.asarray(mu, dtype=np.float64)
-    S = np.asarray(S, dtype=np.float64)
-    N, D = mu.shape
-    if S.shape != (N, D, D):
-        raise ValueError(f"S must be ({N}, {D}, {D}), got {S.shape}")
+    # float32 inputs are read as they are (no float64 copy of a volume)
+    mu = np.asarray(mu)
+    D = mu.shape[-1]
+    lead = mu.shape[:-1]
+    S = np.asarray(S)
+    if S.shape != lead + (D, D):
+        raise ValueError(f"S must be {lead + (D, D)} to match mu {mu.shape}, got {S.shape}")
+    space = _space_of(link, D)
     K = space.n_classes
+    # C order keeps one compiled kernel per dtype (a transposed view would add another)
+    mu2 = np.ascontiguousarray(mu.reshape(-1, D))
+    S2 = np.ascontiguousarray(S.reshape(-1, D, D))
+    N = mu2.shape[0]
     code, basis = space.inverse_code, np.ascontiguousarray(space.basis)
+    if mass is not None and not 0 < mass < 1:
+        raise ValueError(f"mass must lie in (0, 1), got {mass}")
+    if method == "auto":
+        method = "quadrature" if D == 1 else "mc"
+    out: dict[str, np.ndarray] = {}
+    mean = np.empty((N, K), np.float32)
+    sd = np.empty((N, K), np.float32)
     if method == "quadrature":
         t, w = np.polynomial.hermite_e.hermegauss(int(n_nodes))
-        w = w / w.sum()
-        mean = np.empty((N, K))
-        sd = np.empty((N, K))
-        _quad_moments(np.ascontiguousarray(mu), np.ascontiguousarray(S), t, w, code, basis, mean, sd, BLOCK)
-        return {"mean": mean.astype(np.float32), "sd": sd.astype(np.float32)}
-    if method != "mc":
-        raise ValueError(f"method must be 'mc' or 'quadrature', not {method!r}")
-    rng = np.random.default_rng(rng)
-    out = {"mean": np.empty((N, K), np.float32), "sd": np.empty((N, K), np.float32)}
-    if interval is not None:
-        if not 0 < interval < 1:
-            raise ValueError(f"interval must lie in (0, 1), got {interval}")
-        out["lower"] = np.empty((N, K), np.float32)
-        out["upper"] = np.empty((N, K), np.float32)
-        qs = [(1 - interval) / 2, (1 + interval) / 2]
-    for s in range(0, N, block_size):
-        e = min(N, s + block_size)
-        Lc = np.linalg.cholesky(S[s:e])
-        z = rng.standard_normal((e - s, n_draws, D))
-        pr = np.empty((e - s, n_draws, K))
-        _mc_transform(mu[s:e], Lc, z, code, basis, pr)
-        out["mean"][s:e] = pr.mean(axis=1)
-        out["sd"][s:e] = pr.std(axis=1, ddof=1)
-        if interval is not None:
-            lo, hi = np.quantile(pr, qs, axis=1)
-            out["lower"][s:e] = lo
-            out["upper"][s:e] = hi
-    if interval is not None:
-        out["interval"] = np.float32(interval)
+        _quad_moments(mu2, S2, t, w / w.sum(), code, basis, mean, sd, block_size)
+        if mass is not None and D == 1:
+            from scipy.special import ndtri
+
+            z = ndtri((1 + mass) / 2)
+            sdv = np.sqrt(S2[:, 0, 0].astype(np.float64))
+            ends = [space.inverse((mu2[:, 0] + sgn * z * sdv)[:, None]) for sgn in (-1.0, 1.0)]
+            out["consensus_lo"] = np.minimum(*ends)  # F^-1 is monotone in the one coordinate
+            out["consensus_hi"] = np.maximum(*ends)
+    elif method == "mc":
+        from scipy.special import ndtri
+        from scipy.stats import qmc
+
+        u = qmc.Sobol(d=D, scramble=True, seed=np.random.default_rng(random_seed)).random(int(n_draws))
+        z = ndtri(np.clip(u, 1e-12, 1 - 1e-12))
+        want = mass is not None
+        q = (1 - mass) / 2 if want else 0.0
+        lo = np.empty((N, K) if want else (0, K), np.float32)
+        hi = np.empty((N, K) if want else (0, K), np.float32)
+        _mc_summaries(mu2, S2, z, code, basis, q, 1 - q, want, mean, sd, lo, hi, block_size)
+        if want:
+            out["consensus_lo"], out["consensus_hi"] = lo, hi
+    else:
+        raise ValueError(f"method must be 'auto', 'mc' or 'quadrature', not {method!r}")
+    out["consensus_mean"], out["consensus_sd"] = mean, sd
+    return {k: v.reshape(lead + (K,)).astype(np.float32, copy=False) for k, v in out.items()}
+
+
+@njit(parallel=True, cache=True)
+def _inverse_map_kernel(mu, code, basis, out, block):
+    D, N = mu.shape
+    K = out.shape[1]
+    nb = (N + block - 1) // block
+    for ib in prange(nb):
+        r = np.empty(D)
+        pk = np.empty(K)
+        for n in range(ib * block, min(N, (ib + 1) * block)):
+            for i in range(D):
+                r[i] = mu[i, n]
+            inverse_link(r, code, basis, pk)
+            for k in range(K):
+                out[n, k] = pk[k]
+
+
+def inverse_link_map(mu: np.ndarray, space: LinkSpace, out: np.ndarray | None = None) -> np.ndarray:
+    """F^-1 of class-first link coordinates ``mu`` (D, N): probabilities (N, K), float32.
+
+    One streamed pass, without float64 temporaries of the volume.
+    """
+    D, N = mu.shape
+    if D != space.dim:
+        raise ValueError(f"mu has {D} coordinates, the link space {space.dim}")
+    out = np.empty((N, space.n_classes), np.float32) if out is None else out
+    _inverse_map_kernel(mu, space.inverse_code, np.ascontiguousarray(space.basis), out, BLOCK)
     return out
 
 

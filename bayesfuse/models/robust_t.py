@@ -1,0 +1,1140 @@
+"""Robust Student-t fusion with bias and spatial priors (VB), its Gaussian variant, continuous STAPLE.
+
+Model 1 of MODELS.md (seed 000, section 2 and supplement 1.1); card
+``models/robust_t.md``. One module serves three registry names through
+:class:`Config` defaults:
+
+``robust-t``
+    Student-t likelihood (a Gaussian scale mixture with local reliabilities
+    tau[n, p] ~ Gamma(nu_p/2, nu_p/2)), bias prior b_p ~ N(0, I/beta),
+    spatial prior T~[n] ~ N(W Phi_n, Sigma_T I) on Gaussian bases.
+``gaussian``
+    the same with tau fixed to 1 (nu -> infinity).
+``continuous-staple``
+    Gaussian, per-rater bias (maximum likelihood, no prior) and covariance,
+    flat prior on the consensus: Warfield, Zou and Wells (2008). The biases
+    are only determined up to a common shift; the gauge sum_p b_p = 0 is
+    chosen (card, section "Continuous STAPLE").
+
+The solver is mean-field VB, q(T~) q(b) q(tau) q(W), with point estimates of
+beta, Sigma_p, nu_p, alpha and Sigma_T. Each iteration is one fused pass over
+the data (per voxel: q(tau) then q(T~), both exact coordinate updates, with
+the sufficient statistics of every global update accumulated on the way),
+followed by the small global updates and the spatial prior's Kronecker
+algebra (:mod:`bayesfuse.spatial`). The ELBO, every term included, is
+recorded at every iteration and never decreases.
+
+Pure update functions (``update_q_tau``, ``update_q_b``, ``update_beta``,
+``update_nu``, ``update_alpha``, ``update_sigma_T``; q(T~) and Sigma_p live in
+:mod:`bayesfuse.gaussian`, q(W) in :mod:`bayesfuse.spatial`) state each
+update on its own; the fused pass is tested to equal their composition, and
+each of them to maximise :func:`elbo_reference` in its block.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+from numba import njit, prange
+from scipy import optimize, special
+
+from .. import gaussian as G
+from ..data import RaterMaps
+from ..errors import ConfigError, InputError
+from ..progress import bar
+from ..result import FusionResult
+from ..spatial import KroneckerBasis
+
+LOG2PI = math.log(2.0 * math.pi)
+
+
+# ------------------------------------------------------------------ config
+def _check_axes_value(name, value, allow_none=False):
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must be given")
+    vals = (value,) if np.ndim(value) == 0 else tuple(value)
+    for v in vals:
+        if not isinstance(v, (int, float)) or not v > 0 and name != "basis_origin":
+            raise ValueError(f"{name} must be positive numbers, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options and hyperparameters of the robust model and its variants.
+
+    Attributes
+    ----------
+    likelihood : {"student-t", "gaussian"}
+        Student-t (local reliabilities tau) or Gaussian (tau = 1).
+    link : {"sqrt", "logit", "identity"}
+        Link from the simplex to link space (``bayesfuse.gaussian.LinkSpace``):
+        sqrt keeps K coordinates, logit and identity K - 1.
+    bias : {"prior", "ml", "none"}
+        ``prior``: b_p ~ N(0, I / beta), q(b) Gaussian, beta estimated (or
+        fixed by ``beta``). ``ml``: b_p a parameter without prior, estimated
+        by maximum likelihood with the gauge sum_p b_p = 0 when the consensus
+        has a flat prior (continuous STAPLE). ``none``: b_p = 0.
+    spatial_prior : bool
+        T~[n] ~ N(W Phi_n, Sigma_T I) with Gaussian bases (else a flat prior).
+    basis_spacing, basis_width, basis_origin : float or tuple, one per axis
+        Distance between basis centres, their standard deviation (default:
+        the spacing) and the position of the first centre (default: half a
+        spacing), in ``basis_units``. Larger spacing and width give a
+        smoother consensus.
+    basis_units : {"voxel", "mm"}
+    nu_init : float
+        Starting degrees of freedom.
+    nu : float or None
+        Fix nu_p to this value for every rater instead of estimating it.
+    nu_bounds : (float, float)
+        Range of the nu update (the root is capped at the upper end: nu ->
+        infinity is the Gaussian model).
+    beta, alpha, sigma_T : float or None
+        Fix the bias precision, the weights' precision, the prior variance
+        of T~ at this value (None: estimated).
+    min_variance : float
+        Eigenvalue floor of Sigma_p and floor of Sigma_T, in squared link
+        units: guards the degenerate case of raters that agree exactly.
+    storage : {"auto", "float32", "float64"}
+        Storage of per-voxel state (tau^, mu_T, prior mean); ``auto`` takes
+        float64 up to 4 million rater-voxels and float32 above. Sums are
+        always accumulated in float64.
+    sd_nodes : int
+        Gauss-Hermite points per coordinate for the ``consensus_sd`` map.
+    """
+
+    likelihood: Literal["student-t", "gaussian"] = "student-t"
+    link: Literal["sqrt", "logit", "identity"] = "sqrt"
+    bias: Literal["prior", "ml", "none"] = "prior"
+    spatial_prior: bool = True
+    basis_spacing: float | tuple = 4.0
+    basis_width: float | tuple | None = None
+    basis_origin: float | tuple | None = None
+    basis_units: Literal["voxel", "mm"] = "voxel"
+    nu_init: float = 10.0
+    nu: float | None = None
+    nu_bounds: tuple = (0.5, 1000.0)
+    beta: float | None = None
+    alpha: float | None = None
+    sigma_T: float | None = None
+    min_variance: float = 1e-6
+    storage: Literal["auto", "float32", "float64"] = "auto"
+    sd_nodes: int = 5
+
+    def __post_init__(self):
+        choices = {
+            "likelihood": ("student-t", "gaussian"),
+            "link": ("sqrt", "logit", "identity"),
+            "bias": ("prior", "ml", "none"),
+            "basis_units": ("voxel", "mm"),
+            "storage": ("auto", "float32", "float64"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not isinstance(self.spatial_prior, (bool, np.bool_)):
+            raise ConfigError(f"spatial_prior must be true or false, got {self.spatial_prior!r}")
+        try:
+            _check_axes_value("basis_spacing", self.basis_spacing)
+            _check_axes_value("basis_width", self.basis_width, allow_none=True)
+            if self.basis_origin is not None:
+                vals = (self.basis_origin,) if np.ndim(self.basis_origin) == 0 else tuple(self.basis_origin)
+                if not all(isinstance(v, (int, float)) for v in vals):
+                    raise ValueError(f"basis_origin must be numbers, got {self.basis_origin!r}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        lo, hi = self.nu_bounds
+        if not 0 < lo < hi:
+            raise ConfigError(f"nu_bounds must satisfy 0 < low < high, got {self.nu_bounds}")
+        if not lo <= self.nu_init <= hi:
+            raise ConfigError(f"nu_init {self.nu_init} lies outside nu_bounds {self.nu_bounds}")
+        for name in ("nu", "beta", "alpha", "sigma_T"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {v!r}")
+        if not self.min_variance >= 0:
+            raise ConfigError(f"min_variance must be >= 0, got {self.min_variance}")
+        if int(self.sd_nodes) < 2:
+            raise ConfigError(f"sd_nodes must be at least 2, got {self.sd_nodes}")
+
+    @property
+    def robust(self) -> bool:
+        return self.likelihood == "student-t"
+
+
+# ------------------------------------------------------ pure update functions
+def update_q_tau(Dt, mu_T, S_T, mu_b, S_b, Sigma, nu):
+    """q(tau[n,p]) = Gamma(a_p, c[n,p]) (shape, rate).
+
+    a_p = (nu_p + D) / 2,
+    c[n,p] = nu_p / 2 + 1/2 [ e' Sigma_p^-1 e + Tr(Sigma_p^-1 S_b[p]) + Tr(Sigma_p^-1 S_T[n]) ],
+    e = D~[p,n] - mu_T[n] - mu_b[p].
+
+    Parameters
+    ----------
+    Dt : ndarray (P, N, D)
+    mu_T : ndarray (D, N)
+    S_T : ndarray (N, D, D)
+    mu_b, S_b : ndarray (P, D), (P, D, D)
+    Sigma : ndarray (P, D, D)
+    nu : ndarray (P,)
+
+    Returns
+    -------
+    a : ndarray (P,)
+    c : ndarray (P, N)
+
+    References
+    ----------
+    models/robust_t.md (eq:qtau)
+    """
+    P, N, D = Dt.shape
+    Sinv, _ = G.inv_logdet(Sigma)
+    e = Dt - mu_T.T[None] - mu_b[:, None]
+    quad = np.einsum("pni,pij,pnj->pn", e, Sinv, e)
+    tr_T = np.einsum("pij,nji->pn", Sinv, S_T)
+    tr_b = np.einsum("pij,pji->p", Sinv, S_b)
+    c = nu[:, None] / 2 + 0.5 * (quad + tr_T + tr_b[:, None])
+    return (nu + D) / 2, c
+
+
+def update_q_b(Dt, tau, mu_T, Sigma, beta):
+    """q(b_p) = N(mu_b[p], S_b[p]) under the prior b_p ~ N(0, I / beta).
+
+    S_b[p] = (beta I + sum_n tau^[n,p] Sigma_p^-1)^-1,
+    mu_b[p] = S_b[p] Sigma_p^-1 sum_n tau^[n,p] (D~[p,n] - mu_T[n]).
+
+    With ``beta = 0`` and the bias a parameter (``bias="ml"``) this is the
+    maximum-likelihood bias, S_b = 0: mu_b = sum_n tau (D~ - mu_T) / sum_n tau.
+
+    Parameters
+    ----------
+    Dt : ndarray (P, N, D)
+    tau : ndarray (P, N)
+        tau^ (ones for the Gaussian model).
+    mu_T : ndarray (D, N)
+    Sigma : ndarray (P, D, D)
+    beta : float or None
+        None for the maximum-likelihood bias.
+
+    Returns
+    -------
+    mu_b, S_b : ndarray (P, D), (P, D, D)
+
+    References
+    ----------
+    models/robust_t.md (eq:qb)
+    """
+    sw = tau.sum(axis=1)
+    s1 = np.einsum("pn,pni->pi", tau, Dt - mu_T.T[None])
+    return _q_b_from_stats(sw, s1, Sigma, beta)
+
+
+def _q_b_from_stats(sw, s1, Sigma, beta):
+    P, D = s1.shape
+    if beta is None:
+        return s1 / sw[:, None], np.zeros((P, D, D))
+    Sinv, _ = G.inv_logdet(Sigma)
+    S_b, _ = G.inv_logdet(beta * np.eye(D) + sw[:, None, None] * Sinv)
+    mu_b = np.einsum("pij,pjk,pk->pi", S_b, Sinv, s1)
+    return mu_b, S_b
+
+
+def update_beta(mu_b, S_b):
+    """beta = P D / sum_p ( Tr S_b[p] + mu_b[p]' mu_b[p] ).
+
+    References
+    ----------
+    models/robust_t.md (eq:beta)
+    """
+    P, D = mu_b.shape
+    return P * D / (np.trace(S_b, axis1=1, axis2=2).sum() + np.sum(mu_b**2))
+
+
+def _nu_equation(nu, mean_gap):
+    return math.log(nu / 2) - special.digamma(nu / 2) + 1.0 + mean_gap
+
+
+def update_nu(sum_elog_minus_tau, n_voxels, bounds=(0.5, 1000.0)):
+    """nu_p solving  sum_n [ -psi(nu/2) + log(nu/2) + 1 + E log tau - E tau ] = 0.
+
+    The left side divided by N is log(nu/2) - psi(nu/2) + 1 + g with
+    g = mean_n (E log tau - E tau) < -1, strictly decreasing in nu from +inf
+    to 1 + g < 0, so the root is unique; it is found by Brent's method in
+    ``bounds`` and capped at the ends (the upper cap stands for nu -> inf).
+
+    Parameters
+    ----------
+    sum_elog_minus_tau : ndarray (P,)
+        sum_n (E[log tau[n,p]] - E[tau[n,p]]).
+    n_voxels : int
+    bounds : (float, float)
+
+    Returns
+    -------
+    ndarray (P,)
+
+    References
+    ----------
+    models/robust_t.md (eq:nu)
+    """
+    lo, hi = bounds
+    out = np.empty(len(sum_elog_minus_tau))
+    for p, s in enumerate(np.asarray(sum_elog_minus_tau, dtype=float)):
+        g = s / n_voxels
+        if _nu_equation(hi, g) >= 0:
+            out[p] = hi
+        elif _nu_equation(lo, g) <= 0:
+            out[p] = lo
+        else:
+            out[p] = optimize.brentq(_nu_equation, lo, hi, args=(g,), xtol=1e-10, rtol=1e-12)
+    return out
+
+
+def update_alpha(mu_W, s_W, n_classes_dim):
+    """alpha = L D / sum_k ( Tr S_W + mu_W[k]' mu_W[k] ), S_W shared by the D rows.
+
+    Parameters
+    ----------
+    mu_W : ndarray (D, *basis_shape)
+    s_W : ndarray (*basis_shape)
+        Eigenvalues of S_W (its trace is their sum).
+    n_classes_dim : int
+        D.
+
+    References
+    ----------
+    models/robust_t.md (eq:alpha)
+    """
+    L = s_W.size
+    return L * n_classes_dim / (n_classes_dim * s_W.sum() + np.sum(mu_W**2))
+
+
+def update_sigma_T(sum_mu2, cross, quad_W, sum_S_diag, trace_SW_G, n_voxels, dim):
+    """Sigma_T = 1/(N D) sum_n sum_k [ (mu_T[n,k] - Phi_n' mu_W[k])^2 + S_T[n]_kk + Phi_n' S_W Phi_n ].
+
+    The squares are expanded so that no pass over the volume is needed:
+    sum_n (mu_T - Phi' mu_W)^2 = sum mu_T^2 - 2 <Phi' mu_T, mu_W> + mu_W' Phi'Phi mu_W,
+    and sum_n Phi_n' S_W Phi_n = Tr(S_W Phi' Phi) per row.
+
+    Parameters
+    ----------
+    sum_mu2 : float
+        sum_{n,k} mu_T[n,k]^2.
+    cross : float
+        sum_k <Phi' mu_T[k], mu_W[k]>.
+    quad_W : float
+        sum_k mu_W[k]' Phi'Phi mu_W[k].
+    sum_S_diag : float
+        sum_{n,k} S_T[n]_kk.
+    trace_SW_G : float
+        Tr(S_W Phi' Phi).
+    n_voxels, dim : int
+        N (every voxel of the grid) and D.
+
+    References
+    ----------
+    models/robust_t.md (eq:sigma-T)
+    """
+    return (sum_mu2 - 2 * cross + quad_W + sum_S_diag + dim * trace_SW_G) / (n_voxels * dim)
+
+
+# ------------------------------------------------------------ the fused pass
+@njit(parallel=True, cache=True)
+def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_b, a_tau, nu,
+             prior_prec, prior_prec_prev, robust, block):
+    """One sweep over the voxels: q(tau[n, :]) then q(T~[n]) at each voxel.
+
+    Both are exact coordinate updates of the ELBO (eq:qtau, eq:qT); voxels
+    are independent given the global parameters, so the sweep may run in
+    any order and in parallel. Returns the sums every global update needs.
+    """
+    P, N = X.shape[0], X.shape[1]
+    D = mu_T.shape[0]
+    has_obs = obs.shape[0] > 0
+    has_mean = prior_mean.shape[1] > 0
+    nb = (N + block - 1) // block
+    sw = np.zeros((nb, P))
+    s1 = np.zeros((nb, P, D))
+    s2 = np.zeros((nb, P, D, D))
+    sS = np.zeros((nb, P, D, D))
+    slogc = np.zeros((nb, P))
+    glob = np.zeros((nb, 1 + 2 * D))  # sum log|S_T|, sum mu_T^2 per k, sum S_T[k, k] per k
+    var_prior = 1.0 / prior_prec if prior_prec > 0 else 0.0
+    logdet_prior = D * math.log(var_prior) if prior_prec > 0 else 0.0
+    for ib in prange(nb):
+        d = np.empty((P, D))
+        lam = np.empty((D, D))
+        L = np.empty((D, D))
+        Sold = np.empty((D, D))
+        Sn = np.empty((D, D))
+        h = np.empty(D)
+        m = np.empty(D)
+        e = np.empty(D)
+        t = np.empty(P)
+        logc = np.zeros(P)
+        for n in range(ib * block, min(N, (ib + 1) * block)):
+            if has_obs and obs[n] == 0:
+                # no rater sees this voxel: q(T~[n]) is the prior N(Phi_n mu_W, Sigma_T I)
+                for i in range(D):
+                    mi = prior_mean[i, n] if has_mean else 0.0
+                    mu_T[i, n] = mi
+                    glob[ib, 1 + i] += mi * mi
+                    glob[ib, 1 + D + i] += var_prior
+                glob[ib, 0] += logdet_prior
+                continue
+            for p in range(P):
+                G.load_d(X, p, n, mode, d[p])
+            if robust:
+                # q(T~[n])'s current covariance, from the values it was computed with
+                for i in range(D):
+                    for j in range(D):
+                        lam[i, j] = prior_prec_prev if i == j else 0.0
+                for p in range(P):
+                    tp = tau[p, n]
+                    for i in range(D):
+                        for j in range(D):
+                            lam[i, j] += tp * Sinv_prev[p, i, j]
+                G.chol(lam, L, D)
+                G.chol_inverse(L, Sold, D)
+                for p in range(P):
+                    for i in range(D):
+                        e[i] = d[p, i] - mu_T[i, n] - mu_b[p, i]
+                    q = 0.0
+                    tr = 0.0
+                    for i in range(D):
+                        for j in range(D):
+                            q += e[i] * Sinv[p, i, j] * e[j]
+                            tr += Sinv[p, i, j] * Sold[j, i]
+                    c = 0.5 * nu[p] + 0.5 * (q + tr + trace_b[p])
+                    t[p] = a_tau[p] / c
+                    logc[p] = math.log(c)
+                    tau[p, n] = t[p]
+            else:
+                for p in range(P):
+                    t[p] = 1.0
+            # q(T~[n]) with the new tau
+            for i in range(D):
+                h[i] = prior_prec * (prior_mean[i, n] if has_mean else 0.0)
+                for j in range(D):
+                    lam[i, j] = prior_prec if i == j else 0.0
+            for p in range(P):
+                for i in range(D):
+                    e[i] = d[p, i] - mu_b[p, i]
+                for i in range(D):
+                    acc = 0.0
+                    for j in range(D):
+                        lam[i, j] += t[p] * Sinv[p, i, j]
+                        acc += Sinv[p, i, j] * e[j]
+                    h[i] += t[p] * acc
+            ld = G.chol(lam, L, D)
+            G.chol_solve(L, h, m, D)
+            G.chol_inverse(L, Sn, D)
+            glob[ib, 0] -= ld
+            for i in range(D):
+                mu_T[i, n] = m[i]
+                glob[ib, 1 + i] += m[i] * m[i]
+                glob[ib, 1 + D + i] += Sn[i, i]
+            for p in range(P):
+                tp = t[p]
+                sw[ib, p] += tp
+                slogc[ib, p] += logc[p]
+                for i in range(D):
+                    e[i] = d[p, i] - m[i]
+                for i in range(D):
+                    s1[ib, p, i] += tp * e[i]
+                    for j in range(D):
+                        s2[ib, p, i, j] += tp * e[i] * e[j]
+                        sS[ib, p, i, j] += tp * Sn[i, j]
+    return sw.sum(0), s1.sum(0), s2.sum(0), sS.sum(0), slogc.sum(0), glob.sum(0)
+
+
+@njit(parallel=True, cache=True)
+def _S_T_kernel(tau, Sinv, prior_prec, obs, robust, out, block):
+    """S_T[n] = (sum_p tau^[n,p] Sigma_p^-1 + I / Sigma_T)^-1 for every voxel."""
+    N, D = out.shape[0], out.shape[1]
+    P = Sinv.shape[0]
+    has_obs = obs.shape[0] > 0
+    nb = (N + block - 1) // block
+    for ib in prange(nb):
+        lam = np.empty((D, D))
+        L = np.empty((D, D))
+        Sn = np.empty((D, D))
+        for n in range(ib * block, min(N, (ib + 1) * block)):
+            seen = not has_obs or obs[n] != 0
+            for i in range(D):
+                for j in range(D):
+                    lam[i, j] = prior_prec if i == j else 0.0
+            if seen:
+                for p in range(P):
+                    tp = tau[p, n] if robust else 1.0
+                    for i in range(D):
+                        for j in range(D):
+                            lam[i, j] += tp * Sinv[p, i, j]
+            G.chol(lam, L, D)
+            G.chol_inverse(L, Sn, D)
+            for i in range(D):
+                for j in range(D):
+                    out[n, i, j] = Sn[i, j]
+
+
+# ----------------------------------------------------------------- the state
+@dataclass
+class VBState:
+    """Everything the VB solver keeps between iterations.
+
+    Per-voxel arrays are class-first (``mu_T[d, n]``) over the N voxels of
+    the grid (the ROI's bounding box with the spatial prior, the ROI
+    otherwise); ``tau[p, n]`` holds E[tau] (robust only). Hyperparameters
+    are the current point estimates; ``Sinv_q`` and ``prior_prec_q`` are the
+    values q(T~) was last computed with (its covariance is rebuilt from
+    them rather than stored).
+    """
+
+    mu_T: np.ndarray
+    tau: np.ndarray | None
+    a_tau: np.ndarray  # shape of q(tau) per rater, as used in the last pass
+    mu_b: np.ndarray
+    S_b: np.ndarray
+    Sigma: np.ndarray
+    nu: np.ndarray
+    beta: float | None
+    Sinv_q: np.ndarray
+    prior_prec_q: float
+    mu_W: np.ndarray | None = None
+    s_W: np.ndarray | None = None
+    alpha: float | None = None
+    sigma_T: float | None = None
+    prior_mean: np.ndarray | None = None
+    W_hyper: tuple = ()  # (alpha, sigma_T) q(W) was computed with
+    stats: dict = field(default_factory=dict)
+    elbo: list = field(default_factory=list)
+    floor_hits: int = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The data as the solver sees them: kernel storage, grid, observed voxels."""
+
+    kd: G.KernelData
+    shape: tuple[int, ...]  # the grid the voxels fill (C order)
+    obs: np.ndarray  # uint8 (N,), or empty when every voxel is observed
+    basis: KroneckerBasis | None
+
+    @property
+    def n_voxels(self) -> int:
+        return self.kd.n_voxels
+
+    @property
+    def n_observed(self) -> int:
+        return self.n_voxels if self.obs.size == 0 else int(np.count_nonzero(self.obs))
+
+
+def make_problem(kd: G.KernelData, config: Config, shape=None, observed=None, voxel_size=None) -> Problem:
+    """Bundle kernel data with its grid (needed by the spatial prior)."""
+    shape = (kd.n_voxels,) if shape is None else tuple(int(s) for s in shape)
+    if int(np.prod(shape)) != kd.n_voxels:
+        raise ValueError(f"grid {shape} does not hold {kd.n_voxels} voxels")
+    obs = np.zeros(0, np.uint8) if observed is None else np.ascontiguousarray(np.asarray(observed).reshape(-1), dtype=np.uint8)
+    basis = None
+    if config.spatial_prior:
+        basis = KroneckerBasis.create(
+            shape, config.basis_spacing, config.basis_width, config.basis_origin,
+            voxel_size=voxel_size, units=config.basis_units,
+        )
+    elif obs.size and not obs.all():
+        raise ValueError("unobserved voxels need the spatial prior (with a flat prior they have no posterior)")
+    return Problem(kd, shape, obs, basis)
+
+
+def _storage_dtype(config: Config, kd: G.KernelData):
+    if config.storage == "float32":
+        return np.float32
+    if config.storage == "float64":
+        return np.float64
+    return np.float64 if kd.n_raters * kd.n_voxels <= 4_000_000 else np.float32
+
+
+# ------------------------------------------------------------ global updates
+def _prior_mean(basis: KroneckerBasis, mu_W: np.ndarray, out: np.ndarray) -> None:
+    """out[d, :] = Phi mu_W[d] (mode products), written class by class."""
+    for i in range(mu_W.shape[0]):
+        out[i] = basis.expand(mu_W[i]).reshape(-1)
+
+
+def _update_W(prob: Problem, st: VBState, config: Config) -> dict:
+    """q(W), then alpha, then Sigma_T; returns the terms the ELBO needs."""
+    basis, D = prob.basis, prob.kd.dim
+    grid = st.mu_T.reshape((D,) + prob.shape)
+    z = basis.project(grid)
+    mu_W, s = basis.posterior(z, st.alpha, st.sigma_T)
+    st.W_hyper = (st.alpha, st.sigma_T)
+    st.mu_W, st.s_W = mu_W, s
+    g = basis.gram_eigenvalues()
+    cross = float(np.sum(z * mu_W))
+    quad_W = basis.quad_gram(mu_W)
+    tr_SWG = float(np.sum(g * s))
+    if config.alpha is None:
+        st.alpha = float(update_alpha(mu_W, s, D))
+    if config.sigma_T is None:
+        glob = st.stats["glob"]
+        st.sigma_T = max(
+            float(update_sigma_T(glob[1 : 1 + D].sum(), cross, quad_W, glob[1 + D :].sum(), tr_SWG, prob.n_voxels, D)),
+            config.min_variance,
+        )
+    return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG}
+
+
+def _init_state(prob: Problem, config: Config, dtype) -> VBState:
+    kd = prob.kd
+    P, N, D = kd.n_raters, kd.n_voxels, kd.dim
+    seen = np.ones(N, bool) if prob.obs.size == 0 else prob.obs.astype(bool)
+    ones = np.where(seen, 1.0, 0.0)[None].repeat(P, 0) if prob.obs.size else np.ones(P)
+    eyes = np.broadcast_to(np.eye(D), (P, D, D))
+    # the raters' plain mean (unobserved voxels get 0 until the prior fills them)
+    mu_T = np.zeros((D, N), dtype=dtype)
+    if prob.obs.size:
+        mu_sub, _ = G.update_q_T(kd.subset(np.flatnonzero(seen)), np.ones(P), eyes)
+        mu_T[:, seen] = mu_sub
+    else:
+        G.update_q_T(kd, ones, eyes, out=mu_T)
+    n_obs = prob.n_observed
+    Sigma = G.covariance_m_step(kd, ones, mu_T, np.zeros((D, D))) * N / n_obs
+    scale = max(float(np.trace(Sigma, axis1=1, axis2=2).mean()) / D, 1e-4)
+    # a ridge of 1% of the average variance keeps a rater equal to the mean invertible
+    Sigma = Sigma + 0.01 * scale * np.eye(D)
+    Sigma, _ = G.clip_covariance(Sigma, config.min_variance)
+    nu = np.full(P, float(config.nu if config.nu is not None else config.nu_init))
+    beta = None
+    if config.bias == "prior":
+        beta = float(config.beta) if config.beta is not None else 1.0 / (0.1 * scale)
+    st = VBState(
+        mu_T=mu_T,
+        tau=np.ones((P, N), dtype=dtype) if config.robust else None,
+        a_tau=(nu + D) / 2,
+        mu_b=np.zeros((P, D)),
+        S_b=np.zeros((P, D, D)),
+        Sigma=Sigma,
+        nu=nu,
+        beta=beta,
+        Sinv_q=G.inv_logdet(Sigma)[0],
+        prior_prec_q=0.0,
+    )
+    if prob.basis is not None:
+        st.sigma_T = float(config.sigma_T) if config.sigma_T is not None else scale
+        st.alpha = float(config.alpha) if config.alpha is not None else 1.0 / max(float(np.mean(np.square(mu_T[:, seen]))), 1e-6)
+        grid = mu_T.reshape((D,) + prob.shape)
+        st.mu_W, st.s_W = prob.basis.posterior(prob.basis.project(grid), st.alpha, st.sigma_T)
+        st.W_hyper = (st.alpha, st.sigma_T)
+        st.prior_mean = np.empty((D, N), dtype=dtype)
+        _prior_mean(prob.basis, st.mu_W, st.prior_mean)
+        st.prior_prec_q = 1.0 / st.sigma_T
+    return st
+
+
+def iterate(prob: Problem, st: VBState, config: Config) -> float:
+    """One VB iteration (in place); returns the ELBO after it.
+
+    Order: fused pass [q(tau), q(T~)] -> q(b) -> beta -> Sigma_p -> nu_p ->
+    (gauge of the ML bias) -> q(W) -> alpha -> Sigma_T -> prior mean. Each
+    step maximises the ELBO in its block given the others, so the ELBO
+    never decreases.
+    """
+    kd = prob.kd
+    P, D = kd.n_raters, kd.dim
+    n_obs = prob.n_observed
+    Sinv = G.inv_logdet(st.Sigma)[0]
+    trace_b = np.einsum("pij,pji->p", Sinv, st.S_b)
+    st.a_tau = (st.nu + D) / 2
+    prior_prec = 1.0 / st.sigma_T if prob.basis is not None else 0.0
+    pm = st.prior_mean if st.prior_mean is not None else np.zeros((D, 0), dtype=st.mu_T.dtype)
+    tau = st.tau if st.tau is not None else np.zeros((P, 0), dtype=st.mu_T.dtype)
+    sw, s1, s2, sS, slogc, glob = _vb_pass(
+        kd.X, kd.mode, tau, st.mu_T, pm, prob.obs, Sinv, st.Sinv_q, st.mu_b, trace_b,
+        st.a_tau, st.nu, prior_prec, st.prior_prec_q, bool(config.robust), G.BLOCK,
+    )
+    st.Sinv_q, st.prior_prec_q = Sinv, prior_prec
+    st.stats = {"sw": sw, "s1": s1, "s2": s2, "sS": sS, "slogc": slogc, "glob": glob}
+
+    # q(b) and beta
+    if config.bias == "none":
+        st.mu_b, st.S_b = np.zeros((P, D)), np.zeros((P, D, D))
+    else:
+        st.mu_b, st.S_b = _q_b_from_stats(sw, s1, st.Sigma, st.beta if config.bias == "prior" else None)
+        if config.bias == "prior" and config.beta is None:
+            st.beta = float(update_beta(st.mu_b, st.S_b))
+    # Sigma_p: M_p = sum_n tau [ (D~ - mu_T - b)(...)' + S_T + S_b ]
+    outer = np.einsum("pi,pj->pij", s1, st.mu_b)
+    M = s2 - outer - np.swapaxes(outer, 1, 2) + sw[:, None, None] * (np.einsum("pi,pj->pij", st.mu_b, st.mu_b) + st.S_b) + sS
+    st.stats["M"] = M
+    Sigma, hits = G.clip_covariance(M / n_obs, config.min_variance)
+    st.Sigma, st.floor_hits = Sigma, st.floor_hits + hits
+    # nu_p
+    if config.robust and config.nu is None:
+        elog = n_obs * special.digamma(st.a_tau) - slogc
+        st.nu = update_nu(elog - sw, n_obs, config.nu_bounds)
+    # The ML bias is only defined up to a common shift (T~ + c, b - c) when T~
+    # has a flat prior: fix sum_p b_p = 0. The likelihood, the entropy of
+    # q(T~) and every sum the ELBO uses are unchanged by the shift.
+    if config.bias == "ml" and prob.basis is None:
+        shift = st.mu_b.mean(axis=0)
+        st.mu_b = st.mu_b - shift
+        st.mu_T += shift[:, None].astype(st.mu_T.dtype)
+    wterms = None
+    if prob.basis is not None:
+        wterms = _update_W(prob, st, config)
+        _prior_mean(prob.basis, st.mu_W, st.prior_mean)
+    value = _elbo_fast(prob, st, config, wterms)
+    if not np.isfinite(value):
+        raise FloatingPointError("robust-t: the ELBO is not finite; the data may be degenerate (e.g. all raters identical)")
+    st.elbo.append(value)
+    return value
+
+
+def _elbo_fast(prob: Problem, st: VBState, config: Config, wterms) -> float:
+    """The ELBO from the pass's sums and the global parameters (every term).
+
+    Uses Tr(Sigma_p^-1 M_p) for the expected quadratic forms (equal to N D
+    after an unclipped Sigma update), and the expanded squares of
+    :func:`update_sigma_T` for E log p(T~ | W).
+    """
+    kd, stats = prob.kd, st.stats
+    P, D = kd.n_raters, kd.dim
+    n_obs, N = prob.n_observed, prob.n_voxels
+    Sinv, logdet = G.inv_logdet(st.Sigma)
+    sw, slogc, glob, M = stats["sw"], stats["slogc"], stats["glob"], stats["M"]
+    trq = np.einsum("pij,pji->p", Sinv, M)
+    if config.robust:
+        elog = n_obs * special.digamma(st.a_tau) - slogc
+    else:
+        elog = np.zeros(P)
+    val = float(np.sum(-0.5 * n_obs * D * LOG2PI - 0.5 * n_obs * logdet + 0.5 * D * elog - 0.5 * trq))
+    if config.robust:
+        nu, a = st.nu, st.a_tau
+        val += float(np.sum(n_obs * (0.5 * nu * np.log(0.5 * nu) - special.gammaln(0.5 * nu)) + (0.5 * nu - 1) * elog - 0.5 * nu * sw))
+        val += float(np.sum(n_obs * (a + special.gammaln(a) + (1 - a) * special.digamma(a)) - slogc))
+    if config.bias == "prior":
+        beta = st.beta
+        val += float(np.sum(0.5 * D * math.log(beta / (2 * math.pi)) - 0.5 * beta * (np.sum(st.mu_b**2, 1) + np.trace(st.S_b, axis1=1, axis2=2))))
+        val += float(np.sum(0.5 * D * (1 + LOG2PI) + 0.5 * G.inv_logdet(st.S_b)[1]))
+    # entropy of q(T~) over every voxel of the grid
+    val += 0.5 * N * D * (1 + LOG2PI) + 0.5 * float(glob[0])
+    if prob.basis is not None:
+        sT, alpha = st.sigma_T, st.alpha
+        s = st.s_W
+        L = s.size
+        sq = glob[1 : 1 + D].sum() - 2 * wterms["cross"] + wterms["quad_W"] + glob[1 + D :].sum() + D * wterms["tr_SWG"]
+        val += -0.5 * N * D * math.log(2 * math.pi * sT) - 0.5 * sq / sT
+        val += D * 0.5 * L * math.log(alpha / (2 * math.pi)) - 0.5 * alpha * (np.sum(st.mu_W**2) + D * s.sum())
+        val += D * (0.5 * L * (1 + LOG2PI) + 0.5 * np.log(s).sum())
+    return val
+
+
+# ------------------------------------------------------------------ solving
+def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e-6, progress=None,
+          label: str = "robust-t", state: VBState | None = None) -> tuple[VBState, bool, str]:
+    """Run the VB iterations until the relative ELBO change falls below ``tol``.
+
+    Returns the state, whether it converged, and why it stopped.
+    """
+    if max_iter < 1:
+        raise ConfigError(f"max_iter must be at least 1, got {max_iter}")
+    st = state if state is not None else _init_state(prob, config, _storage_dtype(config, prob.kd))
+    converged, reason = False, f"max_iter ({max_iter}) reached"
+    with bar(f"{label} VB", total=max_iter, progress=progress) as b:
+        for _ in range(max_iter):
+            prev = st.elbo[-1] if st.elbo else None
+            value = iterate(prob, st, config)
+            b.advance(info=f"ELBO {value:.8g}")
+            if prev is not None and abs(value - prev) <= tol * abs(value):
+                converged, reason = True, f"relative ELBO change below tol ({tol:g})"
+                break
+    return st, converged, reason
+
+
+def S_T_of(prob: Problem, st: VBState, config: Config, dtype=None) -> np.ndarray:
+    """The covariances of q(T~), (N, D, D), rebuilt from tau^ and the values q was computed with."""
+    D = prob.kd.dim
+    out = np.empty((prob.n_voxels, D, D), dtype=dtype or st.mu_T.dtype)
+    tau = st.tau if st.tau is not None else np.zeros((prob.kd.n_raters, 0), dtype=st.mu_T.dtype)
+    _S_T_kernel(tau, st.Sinv_q, st.prior_prec_q, prob.obs, bool(config.robust), out, G.BLOCK)
+    return out
+
+
+def _region_of_interest(data: RaterMaps, config: Config):
+    """Which voxels the solver sees: ("all",), ("box", slices, obs) or ("voxels", index)."""
+    roi = data.roi()
+    if roi is None:
+        return ("all",)
+    if config.spatial_prior:
+        idx = np.nonzero(roi)
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+        return ("box", box, roi[box])
+    return ("voxels", np.flatnonzero(roi))
+
+
+def problem_from_data(data: RaterMaps, config: Config):
+    """The solver's :class:`Problem` for a subject, and how to put results back on its grid."""
+    region = _region_of_interest(data, config)
+    if region[0] == "all":
+        kd = G.prepare(data, config.link)
+        prob = make_problem(kd, config, data.shape, None, data.spacing)
+    elif region[0] == "box":
+        box, obs = region[1], region[2]
+        kd = G.prepare(data, config.link, box=box)
+        prob = make_problem(kd, config, obs.shape, obs, data.spacing)
+    else:
+        kd = G.prepare(data, config.link, voxels=region[1])
+        prob = make_problem(kd, config, None, None, data.spacing)
+    return prob, region
+
+
+def _scatter(values: np.ndarray, region, full_shape, fill) -> np.ndarray:
+    """Put per-voxel rows (N, ...) of the solver's grid back on the subject's grid."""
+    trailing = values.shape[1:]
+    if region[0] == "all":
+        return values.reshape(tuple(full_shape) + trailing)
+    out = np.empty(tuple(full_shape) + trailing, dtype=values.dtype)
+    out[...] = fill
+    if region[0] == "box":
+        box, obs = region[1], region[2].astype(bool)
+        sub = values.reshape(obs.shape + trailing)
+        view = out[box]
+        view[obs] = sub[obs]
+    else:
+        out.reshape((-1,) + trailing)[region[1]] = values
+    return out
+
+
+def fit(
+    data: RaterMaps,
+    config: Config | None = None,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    random_seed=None,
+    progress: bool | None = None,
+    method: str | None = None,
+) -> FusionResult:
+    """Fuse the raters' maps with the robust model (or its variants) by VB.
+
+    Parameters
+    ----------
+    data : RaterMaps
+        Probability maps (binary masks and labels are read as one-hot
+        probabilities; convert them first with ``to_prob`` for the paper's
+        log-odds maps).
+    config : Config, optional
+    max_iter : int
+        Maximum number of VB iterations.
+    tol : float
+        Stop when the relative ELBO change is below this.
+    random_seed : optional
+        Unused by the solver (it is deterministic: the start is the raters'
+        mean); accepted for the common contract.
+    progress : bool, optional
+    method : str, optional
+        The registry name recorded in the result (default from the config).
+
+    Returns
+    -------
+    FusionResult
+        ``/consensus``: F^-1(mu_T) (background outside the ROI);
+        ``/maps``: ``consensus_sd`` (posterior sd of the consensus
+        probability, foreground for K = 2) and ``tau`` (E[tau], rater last;
+        Student-t only); ``/raters``: bias, covariance, sd, nu, mean_tau;
+        ``/variational``: mu_T, S_T, mu_b, S_b, tau's Gamma (shape and mean),
+        mu_W, s_W and the hyperparameters; ``/optimizer``: the ELBO.
+    """
+    config = config or Config()
+    method = method or _default_name(config)
+    t0 = time.perf_counter()
+    prob, region = problem_from_data(data, config)
+    st, converged, reason = solve(prob, config, max_iter=max_iter, tol=tol, progress=progress, label=method)
+    return _build_result(data, config, prob, region, st, converged, reason, method, time.perf_counter() - t0)
+
+
+def _default_name(config: Config) -> str:
+    if config.bias == "ml" and not config.spatial_prior and not config.robust:
+        return "continuous-staple"
+    return "robust-t" if config.robust else "gaussian"
+
+
+def _background_coords(space: G.LinkSpace) -> np.ndarray:
+    e0 = np.zeros(space.n_classes)
+    e0[0] = 1.0
+    return space.forward(e0)
+
+
+def _build_result(data, config, prob, region, st, converged, reason, method, seconds) -> FusionResult:
+    kd, space = prob.kd, prob.kd.space
+    P, D, K = kd.n_raters, kd.dim, space.n_classes
+    shape, sdims = data.shape, data.spatial_dims
+    coords = space.coord_labels()
+    if st.prior_mean is not None:
+        st.prior_mean = None  # not needed any more: free it before the outputs are made
+    S_T = S_T_of(prob, st, config, np.float32)
+    bg = _background_coords(space)
+    mu_full = np.moveaxis(_scatter(st.mu_T.T.astype(np.float32, copy=False), region, shape, bg), -1, 0)
+    S_full = _scatter(S_T, region, shape, 0.0)
+    del S_T
+    prob_map = G.inverse_link_map(np.ascontiguousarray(mu_full.reshape(D, -1)), space).reshape(shape + (K,))
+    summ = G.probability_summaries(
+        np.moveaxis(mu_full, 0, -1), S_full, space, method="quadrature", mass=None, n_nodes=int(config.sd_nodes)
+    )
+    sd = summ["consensus_sd"]
+    del summ
+    maps = {"consensus_sd": (sdims, sd[..., 1]) if K == 2 else (sdims + ("class",), sd)}
+    n_obs = prob.n_observed
+    sw = st.stats["sw"]
+    raters = {
+        "bias": (("rater", "class"), st.mu_b),
+        "covariance": (("rater", "class", "class2"), st.Sigma),
+        "sd": ("rater", np.sqrt(np.trace(st.Sigma, axis1=1, axis2=2) / D)),
+    }
+    variational = {
+        "mu_T": (("class",) + sdims, mu_full),
+        "S_T": (sdims + ("class", "class2"), S_full),
+        "mu_b": (("rater", "class"), st.mu_b),
+        "S_b": (("rater", "class", "class2"), st.S_b),
+        "Sigma": (("rater", "class", "class2"), st.Sigma),
+    }
+    if config.robust:
+        tau = _scatter(st.tau.T.astype(np.float32, copy=False), region, shape, 1.0)
+        tau = np.moveaxis(tau, -1, 0)
+        maps["tau"] = (("rater",) + sdims, tau)
+        raters["nu"] = ("rater", st.nu)
+        raters["mean_tau"] = ("rater", sw / n_obs)
+        variational["tau_shape"] = ("rater", st.a_tau)
+        variational["tau_mean"] = (("rater",) + sdims, tau)
+        variational["nu"] = ("rater", st.nu)
+    hyper = {}
+    if st.beta is not None:
+        hyper["beta"] = st.beta
+    if prob.basis is not None:
+        bdims = tuple(f"basis_{d}" for d in sdims)
+        variational["mu_W"] = (("class",) + bdims, st.mu_W)
+        variational["s_W"] = (bdims, st.s_W)
+        hyper.update(alpha=st.alpha, sigma_T=st.sigma_T, W_alpha=st.W_hyper[0], W_sigma_T=st.W_hyper[1])
+    for k, v in hyper.items():
+        variational[k] = ((), float(v))
+    var_ds = xr.Dataset(variational, coords={"class": coords, "class2": coords})
+    var_ds.attrs.update(
+        link=config.link,
+        likelihood=config.likelihood,
+        grid_shape=list(prob.shape) if prob.basis is not None else [],
+        box_start=[s.start for s in region[1]] if region[0] == "box" else [],
+        n_observed=int(n_obs),
+        floor_hits=int(st.floor_hits),
+    )
+    rat_ds = xr.Dataset(raters, coords={"class": coords, "class2": coords})
+    return FusionResult.build(
+        method=method,
+        data=data,
+        config=config,
+        probability=_background_outside(prob_map, data.roi()),
+        variational=var_ds,
+        raters=rat_ds,
+        maps=xr.Dataset(maps),
+        objective=np.asarray(st.elbo),
+        objective_name="ELBO",
+        converged=converged,
+        stop_reason=reason,
+        seconds=seconds,
+        attrs={"link": config.link, "likelihood": config.likelihood},
+    )
+
+
+def _background_outside(prob: np.ndarray, roi) -> np.ndarray:
+    if roi is not None:
+        prob[~roi] = 0.0
+        prob[~roi, 0] = 1.0
+    return prob
+
+
+# ------------------------------------------------------- reference ELBO (dense)
+def dense_q(prob: Problem, st: VBState, config: Config) -> dict:
+    """The state in plain dense arrays (small problems): the input of :func:`elbo_reference`."""
+    kd = prob.kd
+    P, N, D = kd.n_raters, kd.n_voxels, kd.dim
+    q = {
+        "mu_T": st.mu_T.astype(np.float64),
+        "S_T": S_T_of(prob, st, config, np.float64),
+        "mu_b": st.mu_b.copy(),
+        "S_b": st.S_b.copy(),
+    }
+    if config.robust:
+        q["a"] = np.broadcast_to(st.a_tau[:, None], (P, N)).copy()
+        q["c"] = q["a"] / st.tau.astype(np.float64)
+    if prob.basis is not None:
+        Ud = np.ones((1, 1))
+        for U in prob.basis.U:
+            Ud = np.kron(Ud, U)
+        q["mu_W"] = st.mu_W.reshape(D, -1).copy()
+        q["S_W"] = (Ud * st.s_W.reshape(-1)) @ Ud.T
+    return q
+
+
+def hyper_of(st: VBState) -> dict:
+    """The point-estimated hyperparameters of a state."""
+    return {"Sigma": st.Sigma.copy(), "nu": st.nu.copy(), "beta": st.beta, "alpha": st.alpha, "sigma_T": st.sigma_T}
+
+
+def elbo_reference(Dt: np.ndarray, q: dict, hyper: dict, config: Config, Phi: np.ndarray | None = None,
+                   observed: np.ndarray | None = None) -> float:
+    """The ELBO written out term by term with dense arrays (small problems).
+
+    Independent of the solver's fused sums; the tests maximise it block by
+    block numerically and compare with the closed-form updates.
+
+    Parameters
+    ----------
+    Dt : ndarray (P, N, D)
+        Link coordinates of the data.
+    q : dict
+        ``mu_T`` (D, N), ``S_T`` (N, D, D), ``mu_b`` (P, D), ``S_b`` (P, D, D);
+        Student-t: ``a``, ``c`` (P, N), the Gamma shape and rate of each
+        q(tau[n, p]); spatial prior: ``mu_W`` (D, L), ``S_W`` (L, L).
+    hyper : dict
+        ``Sigma`` (P, D, D), ``nu`` (P,), ``beta``, ``alpha``, ``sigma_T``.
+    config : Config
+    Phi : ndarray (N, L), optional
+        Dense basis matrix (spatial prior).
+    observed : ndarray of bool (N,), optional
+
+    References
+    ----------
+    models/robust_t.md (eq:elbo)
+    """
+    P, N, D = Dt.shape
+    obs = np.ones(N, bool) if observed is None else np.asarray(observed, bool)
+    Sigma = hyper["Sigma"]
+    Sinv, logdet = G.inv_logdet(Sigma)
+    mu_T, S_T, mu_b, S_b = q["mu_T"], q["S_T"], q["mu_b"], q["S_b"]
+    e = Dt - mu_T.T[None] - mu_b[:, None]
+    quad = np.einsum("pni,pij,pnj->pn", e, Sinv, e) + np.einsum("pij,nji->pn", Sinv, S_T) + np.einsum("pij,pji->p", Sinv, S_b)[:, None]
+    if config.robust:
+        a, c = q["a"], q["c"]
+        Et, Elog = a / c, special.digamma(a) - np.log(c)
+    else:
+        Et, Elog = np.ones((P, N)), np.zeros((P, N))
+    lik = -0.5 * D * LOG2PI - 0.5 * logdet[:, None] + 0.5 * D * Elog - 0.5 * Et * quad
+    val = float(lik[:, obs].sum())
+    if config.robust:
+        nu = hyper["nu"][:, None]
+        ptau = 0.5 * nu * np.log(0.5 * nu) - special.gammaln(0.5 * nu) + (0.5 * nu - 1) * Elog - 0.5 * nu * Et
+        htau = a - np.log(c) + special.gammaln(a) + (1 - a) * special.digamma(a)
+        val += float((ptau + htau)[:, obs].sum())
+    if config.bias == "prior":
+        beta = hyper["beta"]
+        val += float(np.sum(0.5 * D * np.log(beta / (2 * np.pi)) - 0.5 * beta * (np.sum(mu_b**2, 1) + np.trace(S_b, axis1=1, axis2=2))))
+        val += float(np.sum(0.5 * D * (1 + LOG2PI) + 0.5 * np.linalg.slogdet(S_b)[1]))
+    val += float(np.sum(0.5 * D * (1 + LOG2PI) + 0.5 * np.linalg.slogdet(S_T)[1]))
+    if config.spatial_prior:
+        sT, alpha = hyper["sigma_T"], hyper["alpha"]
+        mu_W, S_W = q["mu_W"], q["S_W"]
+        L = S_W.shape[0]
+        m = mu_W @ Phi.T  # (D, N)
+        spread = np.einsum("nl,lm,nm->n", Phi, S_W, Phi)
+        sq = (mu_T - m) ** 2 + np.diagonal(S_T, axis1=1, axis2=2).T + spread[None]
+        val += float(np.sum(-0.5 * np.log(2 * np.pi * sT) - 0.5 * sq / sT))
+        val += float(np.sum(0.5 * L * np.log(alpha / (2 * np.pi)) - 0.5 * alpha * (np.sum(mu_W**2, 1) + np.trace(S_W))))
+        val += D * (0.5 * L * (1 + LOG2PI) + 0.5 * np.linalg.slogdet(S_W)[1])
+    return val
+
+
+# --------------------------------------------------------------- simulation
+def default_hyper(link: str, n_raters: int, dim: int, rng: np.random.Generator) -> dict:
+    """Hyperparameters for :func:`simulate`, on the scale of the link's coordinates."""
+    scale = 0.06 if link == "sqrt" else 0.4  # typical rater noise sd in link units
+    sds = scale * rng.uniform(0.6, 1.6, size=n_raters)
+    corr = rng.uniform(-0.3, 0.3, size=n_raters)
+    Sigma = np.empty((n_raters, dim, dim))
+    for p in range(n_raters):
+        C = np.full((dim, dim), corr[p]) + (1 - corr[p]) * np.eye(dim)
+        Sigma[p] = sds[p] ** 2 * C
+    nu_choices = np.array([2.5, 4.0, 8.0, 30.0])
+    return {
+        "Sigma": Sigma,
+        "nu": nu_choices[np.arange(n_raters) % nu_choices.size],
+        "beta": 1.0 / (0.5 * scale) ** 2,
+        "alpha": 1.0 / (0.6 if link == "sqrt" else 3.0) ** 2,
+        "sigma_T": (0.3 * scale) ** 2,
+    }
+
+
+def simulate(config: Config | None = None, shape=(32, 32), n_raters: int = 5, random_seed=None, *,
+             n_classes: int = 2, hyper: dict | None = None):
+    """Draw a subject from the model's own generative story.
+
+    W_k ~ N(0, I / alpha); T~[n] ~ N(W Phi_n, Sigma_T I); b_p ~ N(0, I / beta)
+    (centred to sum_p b_p = 0 for ``bias="ml"``, zero for ``"none"``);
+    tau[n,p] ~ Gamma(nu_p / 2, nu_p / 2) (1 for the Gaussian model);
+    D~[p,n] ~ N(T~[n] + b_p, Sigma_p / tau[n,p]). With ``spatial_prior=False``
+    the flat prior cannot be drawn from, and T~ is still drawn from the
+    spatial story (any T~ is a valid truth then).
+
+    Parameters
+    ----------
+    config : Config, optional
+    shape : tuple of int
+        Spatial shape (2-D or 3-D).
+    n_raters : int
+    random_seed : optional
+    n_classes : int
+    hyper : dict, optional
+        Overrides of :func:`default_hyper` (``Sigma``, ``nu``, ``beta``,
+        ``alpha``, ``sigma_T``).
+
+    Returns
+    -------
+    data : RaterMaps
+        F^-1(D~): the raters' probability maps (exact for logit within
+        the link's clipping; for sqrt the sign and norm of D~ are lost, so
+        use ``truth["coords"]`` with :func:`bayesfuse.gaussian.from_coords`
+        to fit the drawn link coordinates themselves).
+    truth : dict
+        ``coords`` (P, N, D), ``T`` (D, N), ``probability`` (*shape, K),
+        ``b``, ``tau``, ``W``, and the hyperparameters.
+    """
+    config = config or Config()
+    rng = np.random.default_rng(random_seed)
+    space = G.link_space(config.link, n_classes)
+    D, P = space.dim, int(n_raters)
+    shape = tuple(int(s) for s in shape)
+    N = int(np.prod(shape))
+    h = default_hyper(config.link, P, D, rng)
+    h.update(hyper or {})
+    h["Sigma"] = np.asarray(h["Sigma"], float)
+    h["nu"] = np.broadcast_to(np.asarray(h["nu"], float), (P,)).copy()
+    basis = KroneckerBasis.create(shape, config.basis_spacing, config.basis_width, config.basis_origin, units="voxel")
+    W = rng.normal(0, 1 / math.sqrt(h["alpha"]), size=(D,) + basis.basis_shape)
+    T = np.stack([basis.expand(W[d]).reshape(-1) for d in range(D)])
+    T += rng.normal(0, math.sqrt(h["sigma_T"]), size=T.shape)
+    if config.bias == "none":
+        b = np.zeros((P, D))
+    else:
+        b = rng.normal(0, 1 / math.sqrt(h["beta"]), size=(P, D))
+        if config.bias == "ml":
+            b -= b.mean(axis=0)
+    tau = rng.gamma(h["nu"][:, None] / 2, 2 / h["nu"][:, None], size=(P, N)) if config.robust else np.ones((P, N))
+    Lc = np.linalg.cholesky(h["Sigma"])
+    eps = np.einsum("pij,pnj->pni", Lc, rng.normal(size=(P, N, D))) / np.sqrt(tau)[..., None]
+    coords = T.T[None] + b[:, None] + eps
+    probs = space.inverse(coords).reshape((P,) + shape + (n_classes,)).astype(np.float32)
+    if n_classes == 2:
+        data = RaterMaps.from_arrays(probs[..., 1], kind="probability")
+    else:
+        data = RaterMaps.from_arrays(probs, kind="probability", class_axis=True)
+    truth = {
+        "coords": coords, "T": T, "probability": space.inverse(T.T).reshape(shape + (n_classes,)),
+        "b": b, "tau": tau, "W": W, **h,
+    }
+    return data, truth
