@@ -180,3 +180,32 @@ register(ModelSpec(
     defaults={"model": "simplified"},
     card="soft_staple.md",
 ))
+register(ModelSpec(
+    name="robust-t",
+    module="bayesfuse.models.robust_t",
+    summary="Robust Student-t fusion (VB): local rater reliabilities tau, bias prior, spatial prior on Gaussian bases",
+    input="probability",
+    pymc=True,
+    defaults={"likelihood": "student-t"},
+    card="robust_t.md",
+    note="binary masks are fused as one-hot probabilities; the paper converts them first (--to-prob geodesic/euclidean)",
+))
+register(ModelSpec(
+    name="gaussian",
+    module="bayesfuse.models.robust_t",
+    summary="Gaussian fusion (VB): the robust model with tau fixed to 1, bias and spatial priors",
+    input="probability",
+    pymc=True,
+    defaults={"likelihood": "gaussian"},
+    card="robust_t.md",
+))
+register(ModelSpec(
+    name="continuous-staple",
+    module="bayesfuse.models.robust_t",
+    summary="Continuous STAPLE (Warfield 2008): Gaussian, per-rater bias and covariance, no priors (EM, biases with sum zero)",
+    input="probability",
+    pymc=True,
+    defaults={"likelihood": "gaussian", "bias": "ml", "spatial_prior": False},
+    card="robust_t.md",
+    note="the biases are determined only up to a common shift without a prior: fixed by sum_p b_p = 0",
+))
