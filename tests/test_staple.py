@@ -349,3 +349,24 @@ def test_cli_staple_on_liver_tumour(liver_files, tmp_path):
     table = pd.read_csv(out / "raters.csv", index_col=0)
     assert list(table.index) == [p.name for p in liver_files["raters"]] or len(table) == 3
     assert table["sensitivity"].between(0, 1).all() and table["specificity"].between(0.99, 1).all()
+
+
+# --------------------------------------------------------------------------
+def test_model_cards_and_code_cite_the_same_equations():
+    """Every (eq:...) label of the cards is cited by the code, and every
+    citation names a label that the card defines."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cards = {name: set(re.findall(r"\(eq:([a-z0-9-]+)\)\s*$", (root / "models" / name).read_text(), re.M))
+             for name in ("staple.md", "soft_staple.md")}
+    assert len(cards["staple.md"]) >= 10 and len(cards["soft_staple.md"]) >= 10
+    cited = {name: set() for name in cards}
+    for path in ("bayesfuse/models/staple.py", "bayesfuse/models/soft_staple.py", "bayesfuse/patterns.py"):
+        text = (root / path).read_text()
+        for card, rest in re.findall(r"models/(\w+\.md) ((?:\(eq:[a-z0-9-]+\)(?:, )?)+)", text):
+            cited[card] |= set(re.findall(r"eq:([a-z0-9-]+)", rest))
+    for name in cards:
+        assert cited[name] <= cards[name], f"{name}: cited but not defined: {cited[name] - cards[name]}"
+        assert cards[name] <= cited[name], f"{name}: defined but never cited: {cards[name] - cited[name]}"

@@ -422,7 +422,7 @@ def simplified_e_step(q: np.ndarray, weights: np.ndarray | None, theta: np.ndarr
 
     References
     ----------
-    models/soft_staple.md (eq:simplified-estep), (eq:simplified-mstep)
+    models/soft_staple.md (eq:simplified-likelihood), (eq:simplified-estep), (eq:simplified-mstep)
     """
     p = q.shape[0]
     sens = np.ascontiguousarray(theta[:, 1, 1])
@@ -437,6 +437,8 @@ def simplified_e_step(q: np.ndarray, weights: np.ndarray | None, theta: np.ndarr
         raise FloatingPointError("simplified soft-STAPLE: a voxel has probability 0 under both classes "
                                  "(a rater's sensitivity or specificity reached 0 or 1 exactly); "
                                  "use Beta priors (sensitivity_prior=(2, 2)) to keep them inside (0, 1)")
+    # rho <= 1, so s <= class weight up to rounding: keep the complements >= 0
+    s1, s0 = np.minimum(s1, cw[1]), np.minimum(s0, cw[0])
     stats = np.empty((p, 2, 2))
     stats[:, 1, 1], stats[:, 1, 0] = s1, cw[1] - s1
     stats[:, 0, 0], stats[:, 0, 1] = s0, cw[0] - s0
@@ -592,7 +594,7 @@ def fit(
     sens, spec = theta[:, 1, 1].copy(), theta[:, 0, 0].copy()
     grad, info = staple.binary_information(info_q, info_c, sens, spec, float(run.prior[1]),
                                            config.sensitivity_prior, config.specificity_prior)
-    lap = staple.laplace_logit(np.concatenate([sens, spec]), grad, info)
+    lap = staple.laplace_logit(np.concatenate([sens, spec]), info)
     variational = {"prior": (("class",), run.prior), **staple.laplace_dataset(sens, spec, lap, data.rater_names)}
     raters = {"sensitivity": (("rater",), sens), "specificity": (("rater",), spec),
               "confusion": (("rater", "true_class", "rater_class"), theta)}
@@ -608,6 +610,13 @@ def fit(
 
 
 def _fit_exact(sd: SoftData, data: RaterMaps, alpha, m_fn, common):
+    """EM for L_soft on the soft pattern histogram: STAPLE's E- and M-steps on
+    every B in {0,1}^P weighted by Q(B), then one pass for w_t(1).
+
+    References
+    ----------
+    models/soft_staple.md (eq:soft-objective), (eq:soft-bound), (eq:soft-estep), (eq:soft-mstep)
+    """
     p = data.n_raters
     if sd.hard:
         # 0/1 reports: q_t(B) is a point mass and Q the pattern count: STAPLE
@@ -745,8 +754,7 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             prior = pm.Dirichlet("class_prior", a=np.ones(2), dims="class")
         else:
             raise ConfigError(f"hyper must be 'fixed' or 'prior', not {hyper!r}")
-        sens = pm.Beta("sensitivity", *config.sensitivity_prior, dims="rater")
-        spec = pm.Beta("specificity", *config.specificity_prior, dims="rater")
+        sens, spec = staple.binary_rater_variables(data.n_raters, config)
         joint = staple.binary_joint_tensor(reports, sens, spec, prior)
         pm.Potential("loglik", (weights * pm.math.logsumexp(joint, axis=1)).sum())
     return model

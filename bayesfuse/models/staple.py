@@ -183,7 +183,13 @@ def e_step(values: np.ndarray, theta: np.ndarray, prior: np.ndarray) -> tuple[np
     for i in range(values.shape[0]):
         joint += lt[i][:, values[i]].T
     log_marginal = logsumexp(joint, axis=1)
-    resp = np.exp(joint - log_marginal[:, None])
+    possible = np.isfinite(log_marginal)
+    with np.errstate(invalid="ignore"):
+        resp = np.exp(joint - log_marginal[:, None])
+    # a pattern impossible under every class (a report a rater never gives,
+    # with its parameter at 0 or 1) has no posterior; it only occurs with
+    # weight 0, and a uniform row keeps the expected counts finite
+    resp[~possible] = 1.0 / prior.size
     return resp, log_marginal
 
 
@@ -480,19 +486,20 @@ def binary_information(q: np.ndarray, counts: np.ndarray | None, sens: np.ndarra
 BOUNDARY = 1e-9
 
 
-def laplace_logit(theta: np.ndarray, grad: np.ndarray, info: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def laplace_logit(theta: np.ndarray, info: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Gaussian approximation of the posterior in eta = logit(theta).
 
-    The density of eta carries the Jacobian theta (1 - theta); its Hessian
-    at the EM optimum is built from ``info`` by the chain rule, and one
-    Newton step from the EM optimum moves the centre to the mode in eta.
+    The Laplace approximation N(theta_hat, I^-1) at the EM optimum, carried
+    to eta by the delta method: eta ~ N(logit theta_hat, (J I J)^-1) with
+    J = diag(theta_hat (1 - theta_hat)). Same first-order accuracy, and the
+    draws stay inside (0, 1).
 
     Returns
     -------
     (mean, cov, inside) or None
         ``inside`` marks the parameters inside (BOUNDARY, 1 - BOUNDARY);
         ``mean`` and ``cov`` are over those. None when the information
-        matrix is not positive definite (a non-identified model).
+        matrix is not positive definite (a model the data do not identify).
 
     References
     ----------
@@ -501,18 +508,13 @@ def laplace_logit(theta: np.ndarray, grad: np.ndarray, info: np.ndarray) -> tupl
     inside = (theta > BOUNDARY) & (theta < 1 - BOUNDARY)
     t = theta[inside]
     jac = t * (1 - t)
-    g = grad[inside]
-    h = -info[np.ix_(inside, inside)]
-    # d2/deta2 of [log p(theta(eta)) + log jac] = J H J + diag(g jac (1-2t)) - 2 jac
-    h_eta = jac[:, None] * h * jac[None, :] + np.diag(g * jac * (1 - 2 * t) - 2 * jac)
-    g_eta = g * jac + (1 - 2 * t)
+    prec = jac[:, None] * info[np.ix_(inside, inside)] * jac[None, :]
     try:
-        chol = np.linalg.cholesky(-h_eta)
+        chol = np.linalg.cholesky(prec)
     except np.linalg.LinAlgError:
         return None
-    eye = np.eye(h_eta.shape[0])
-    cov = np.linalg.solve(chol.T, np.linalg.solve(chol, eye))
-    mean = np.log(t) - np.log1p(-t) + cov @ g_eta
+    cov = np.linalg.solve(chol.T, np.linalg.solve(chol, np.eye(t.size)))
+    mean = np.log(t) - np.log1p(-t)
     return mean, cov, inside
 
 
@@ -744,7 +746,7 @@ def _rater_tables(run: EMRun, config: Config, pd: PatternData, data: RaterMaps) 
             q = pd.values.astype(float)
             grad, info = binary_information(q, pd.counts, sens, spec, float(run.prior[1]),
                                             config.sensitivity_prior, config.specificity_prior)
-            variational.update(laplace_dataset(sens, spec, laplace_logit(np.concatenate([sens, spec]), grad, info), data.rater_names))
+            variational.update(laplace_dataset(sens, spec, laplace_logit(np.concatenate([sens, spec]), info), data.rater_names))
     return raters, variational
 
 
@@ -791,6 +793,10 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         ``fixed``). ``prior``: a flat Beta / Dirichlet prior on it.
     fixed : dict, optional
         From :func:`fixed_from_result`.
+
+    References
+    ----------
+    models/staple.md (eq:staple-model), (eq:staple-objective), (eq:staple-patterns)
     """
     import pymc as pm
     import pytensor.tensor as pt
@@ -814,18 +820,35 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         else:
             raise ConfigError(f"hyper must be 'fixed' or 'prior', not {hyper!r}")
         if config.mode == "binary":
-            sens = pm.Beta("sensitivity", *config.sensitivity_prior, dims="rater")
-            spec = pm.Beta("specificity", *config.specificity_prior, dims="rater")
+            sens, spec = binary_rater_variables(data.n_raters, config)
             joint = binary_joint_tensor(y, sens, spec, prior)
         else:
             conf = pm.Dirichlet("confusion", a=np.broadcast_to(alpha, (data.n_raters, k, k)).copy(),
-                                dims=("rater", "true_class", "rater_class"))
+                                dims=("rater", "true_class", "rater_class"),
+                                initval=initial_theta(data.n_raters, k, INITVAL, INITVAL))
             logc = pt.log(conf)                                   # (P, K, K)
             rater_idx = np.arange(data.n_raters)[:, None]
             picked = logc[rater_idx, :, y]                        # (P, n, K)
             joint = picked.sum(axis=0) + pt.log(prior)[None, :]
         pm.Potential("loglik", (c * pm.math.logsumexp(joint, axis=1)).sum())
     return model
+
+
+#: Where NUTS chains start: raters better than chance. The likelihood has a
+#: mirror mode (x <-> 1 - x with sensitivity <-> 1 - specificity, exact when
+#: the class prior is 1/2) that the data make negligible, but chains started
+#: around 0.5 can fall into it (models/staple.md, "The PyMC model").
+INITVAL = 0.9
+
+
+def binary_rater_variables(n_raters: int, config):
+    """``sensitivity`` and ``specificity`` (dim rater) with the Config's Beta priors."""
+    import pymc as pm
+
+    start = np.full(n_raters, INITVAL)
+    sens = pm.Beta("sensitivity", *config.sensitivity_prior, dims="rater", initval=start)
+    spec = pm.Beta("specificity", *config.specificity_prior, dims="rater", initval=start)
+    return sens, spec
 
 
 def binary_joint_tensor(q, sens, spec, prior):
