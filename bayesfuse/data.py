@@ -362,6 +362,86 @@ class RaterMaps:
             sources=tuple(self.sources[i] for i in idx) if self.sources else (),
         )
 
+    def downsample(self, factor: int | Sequence[int], how: Literal["mean", "majority", "stride"] = "mean") -> "RaterMaps":
+        """The same subject on a grid coarser by an integer factor per spatial axis.
+
+        Made for the NUTS cross-check (:mod:`bayesfuse.crosscheck`), which
+        needs a small problem of the same kind as the full one.
+
+        Parameters
+        ----------
+        factor : int or sequence of int
+            Block size along each spatial axis (one value for all axes).
+        how : {"mean", "majority", "stride"}
+            ``mean``: block average. Probability maps stay probability maps;
+            binary masks become foreground fractions and K-class labels
+            class fractions (probability maps with a class axis), the input
+            of the soft and Gaussian models. ``majority``: the most frequent
+            label of each block (binary masks and labels only; ties go to the
+            lower label), keeping the kind, for models that fuse hard
+            labels (STAPLE). ``stride``: the voxel at the centre of each
+            block (any kind, kept).
+
+        Returns
+        -------
+        RaterMaps
+            Spatial shape ceil(n / factor) per axis (a partial block at the
+            end of an axis is reduced over the voxels it has); spacing times
+            the factor, origin at the centre of the first block. The image
+            is block-averaged; the region of interest keeps the blocks that
+            are at least half inside it. File checksums are dropped (the
+            maps are new).
+        """
+        nd = self.ndim
+        f = np.broadcast_to(np.asarray(factor), (nd,))
+        if not (np.issubdtype(f.dtype, np.integer) and np.all(f >= 1)):
+            raise InputError("downsample", f"factor must be a positive integer (or one per axis), not {factor!r}")
+        f = tuple(int(v) for v in f)
+        if how not in ("mean", "majority", "stride"):
+            raise InputError("downsample", f"how must be 'mean', 'majority' or 'stride', not {how!r}")
+        if how == "majority" and self.kind == "probability":
+            raise InputError(self._who(), "a block majority needs hard labels; these are probability maps (use how='mean' or 'stride')")
+        starts = [np.arange(0, n, s) for n, s in zip(self.shape, f)]
+        centres = [np.minimum(st + s // 2, n - 1) for st, n, s in zip(starts, self.shape, f)]
+
+        def block_mean(a: np.ndarray, first_axis: int) -> np.ndarray:
+            out = np.asarray(a, dtype=np.float64)
+            for i, st in enumerate(starts):
+                ax = first_axis + i
+                counts = np.diff(np.append(st, out.shape[ax])).reshape((-1,) + (1,) * (out.ndim - ax - 1))
+                out = np.add.reduceat(out, st, axis=ax) / counts
+            return out
+
+        values = self.maps.values
+        class_axis, kind = self.has_class_axis, self.kind
+        if how == "stride":
+            new = values[np.ix_(np.arange(self.n_raters), *centres)] if not class_axis else \
+                values[np.ix_(np.arange(self.n_raters), *centres, np.arange(self.n_classes))]
+        elif kind == "probability":
+            new = np.stack([block_mean(v, 0) for v in values]).astype(np.float32)
+        else:
+            k = self.n_classes
+            frac = np.stack([np.stack([block_mean(v == c, 0) for c in range(k)], axis=-1) for v in values])
+            if how == "majority":
+                new = np.argmax(frac, axis=-1)
+            elif k == 2:
+                new, kind = frac[..., 1].astype(np.float32), "probability"
+            else:
+                new, kind, class_axis = frac.astype(np.float32), "probability", True
+        image = None if self.image is None else block_mean(self.image.values, 0).astype(np.float32)
+        mask = None if self.mask is None else block_mean(self.mask.values, 0) >= 0.5
+        if how == "stride":
+            image = None if self.image is None else self.image.values[np.ix_(*centres)]
+            mask = None if self.mask is None else self.mask.values[np.ix_(*centres)]
+        affine = self.affine.copy()
+        offset = np.array([(s - 1) / 2 if how != "stride" else s // 2 for s in f] + [0.0] * (3 - nd))
+        affine[:3, 3] = self.affine[:3, :3] @ offset + self.affine[:3, 3]
+        affine[:3, :nd] = self.affine[:3, :nd] * np.array(f)[None, :]
+        return RaterMaps.from_arrays(
+            list(new), kind=kind, n_classes=self.n_classes, class_axis=class_axis, affine=affine,
+            image=image, mask=mask, names=self.rater_names, sources=self.sources or None,
+        )
+
     def checksum(self) -> str:
         """SHA-256 of the maps' bytes (with the files' checksums when known)."""
         h = hashlib.sha256()

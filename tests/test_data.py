@@ -123,3 +123,55 @@ def test_subset_and_checksum(masks):
     assert s.rater_names == ["rater2", "rater0"]
     assert d.checksum() != s.checksum()
     assert d.checksum() == RaterMaps.from_arrays(masks).checksum()
+
+
+# ---------------------------------------------------------------- downsample
+def test_downsample_mean_is_the_block_average_with_partial_blocks():
+    rng = np.random.default_rng(3)
+    masks = [(rng.random((9, 6, 5)) > 0.6).astype(np.uint8) for _ in range(3)]
+    aff = np.diag([0.5, 1.0, 2.0, 1.0])
+    aff[:3, 3] = [10.0, -4.0, 7.0]
+    d = RaterMaps.from_arrays(masks, affine=aff, image=rng.random((9, 6, 5)))
+    s = d.downsample(4)
+    assert s.kind == "probability" and s.shape == (3, 2, 2) and s.spacing == (2.0, 4.0, 8.0)
+    m = np.stack(masks).astype(float)
+    # the last block along x holds one voxel (9 = 4 + 4 + 1), along z one (5 = 4 + 1)
+    assert s.maps.values[1, 2, 1, 1] == pytest.approx(m[1, 8:9, 4:6, 4:5].mean())
+    assert s.maps.values[2, 0, 0, 0] == pytest.approx(m[2, :4, :4, :4].mean())
+    assert s.image.values[1, 0, 1] == pytest.approx(d.image.values[4:8, :4, 4:5].mean())
+    # the new origin is the centre of the first block in world coordinates
+    np.testing.assert_allclose(s.affine[:3, 3], aff[:3, :3] @ [1.5, 1.5, 1.5] + aff[:3, 3])
+
+
+def test_downsample_majority_and_stride_keep_hard_labels():
+    block = np.zeros((2, 2, 2), dtype=np.uint8)
+    block.flat[:3] = 2
+    block.flat[3:6] = 1          # 3 x label 2, 3 x label 1, 2 x label 0: a tie goes to 1
+    other = np.zeros((2, 2, 2), dtype=np.uint8)
+    other.flat[:5] = 2
+    d = RaterMaps.from_arrays([block, other], n_classes=3)
+    maj = d.downsample(2, "majority")
+    assert maj.kind == "labels" and maj.shape == (1, 1, 1)
+    assert maj.maps.values.ravel().tolist() == [1, 2]
+    frac = d.downsample(2)
+    assert frac.has_class_axis and frac.n_classes == 3
+    np.testing.assert_allclose(frac.maps.values[0, 0, 0, 0], [2 / 8, 3 / 8, 3 / 8])
+    big = RaterMaps.from_arrays([np.arange(60).reshape(6, 5, 2) % 2 for _ in range(2)])
+    st = big.downsample((3, 2, 2), "stride")
+    # centre of each block: offsets 1 (x), 1 (y, clipped to 4 in the last partial block), 1 (z)
+    np.testing.assert_array_equal(st.maps.values[0], big.maps.values[0][np.ix_([1, 4], [1, 3, 4], [1])])
+
+
+def test_downsample_refuses_what_it_cannot_do():
+    rng = np.random.default_rng(4)
+    prob = RaterMaps.from_arrays([rng.random((6, 6, 4)).astype(np.float32) for _ in range(2)])
+    with pytest.raises(InputError, match="majority needs hard labels"):
+        prob.downsample(2, "majority")
+    with pytest.raises(InputError, match="positive integer"):
+        prob.downsample(0)
+    with pytest.raises(InputError, match="how must be"):
+        prob.downsample(2, "median")
+    roi = np.zeros((6, 6, 4), dtype=np.uint8)
+    roi[:3, :3, :2] = 1
+    d = RaterMaps.from_arrays([rng.random((6, 6, 4)).astype(np.float32) for _ in range(2)], mask=roi)
+    np.testing.assert_array_equal(d.downsample(3).roi()[:, :, 0], [[True, False], [False, False]])
