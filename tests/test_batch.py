@@ -10,6 +10,7 @@ has finished.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -25,37 +26,36 @@ import pandas as pd
 import pytest
 
 import bayesfuse
-from bayesfuse import batch, cli
+from bayesfuse import batch, cli, phantoms
 from bayesfuse.errors import InputError
 from bayesfuse.io import write_nifti
 from bayesfuse.manifest import read_manifest
 from bayesfuse.models import get_model
 from bayesfuse.result import FusionResult
 
-SHAPE = (20, 18, 12)
-AFFINE = np.diag([1.2, 1.2, 2.5, 1.0])
+SHAPE = (20, 18, 16)
+SPACING = (1.2, 1.2, 2.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _phantom(seed: int):
+    """A small 3-D phantom with three binary raters (made once per session)."""
+    return phantoms.make_phantom("simple", shape=SHAPE, n_raters=3, random_seed=seed, spacing=SPACING)
 
 
 def make_study(root: Path, n: int, seed: int = 0, reference: bool = True) -> Path:
-    """``n`` small 3-D subjects (three raters around an ellipsoid) and their CSV manifest."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.indices(SHAPE)
+    """``n`` small phantom subjects written as NIfTI files, and their CSV manifest."""
     lines = ["subject,rater1,rater2,rater3" + (",reference" if reference else "")]
     for i in range(n):
         sid = f"s{i:02d}"
-        c = np.array(SHAPE) / 2 + rng.uniform(-2, 2, 3)
-        truth = (((x - c[0]) / 6) ** 2 + ((y - c[1]) / 5) ** 2 + ((z - c[2]) / 4) ** 2 <= 1).astype(np.uint8)
+        ph = _phantom(seed + i)
+        (root / sid).mkdir(parents=True, exist_ok=True)
         cells = [sid]
-        for r in range(3):
-            m = truth.copy()
-            flip = rng.random(SHAPE) < 0.03
-            m[flip] = 1 - m[flip]
-            p = root / sid / f"rater{r + 1}.nii.gz"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            write_nifti(p, m, AFFINE)
+        for r, m in enumerate(ph.raters.maps.values):
+            write_nifti(root / sid / f"rater{r + 1}.nii.gz", m, ph.raters.affine)
             cells.append(f"{sid}/rater{r + 1}.nii.gz")
         if reference:
-            write_nifti(root / sid / "reference.nii.gz", truth, AFFINE)
+            write_nifti(root / sid / "reference.nii.gz", ph.truth, ph.raters.affine)
             cells.append(f"{sid}/reference.nii.gz")
         lines.append(",".join(cells))
     csv = root / "manifest.csv"
@@ -106,7 +106,7 @@ def test_subject_skipped_when_unchanged_redone_when_anything_changes(tmp_path):
     # The consensus of a batch subject is the one fuse() gives on the same files.
     direct = bayesfuse.fuse(list(s.raters), "majority-vote")
     np.testing.assert_array_equal(FusionResult.load(out / "s00").labels.values, direct.labels.values)
-    assert row["dice"] > 0.9
+    assert row["dice"] > 0.8
     assert set(row) >= {"agreement[rater1]", "agreement[rater3]"}
 
     again = batch.fuse_subject(s, out, spec, settings(), run_id="second")
@@ -123,9 +123,9 @@ def test_subject_skipped_when_unchanged_redone_when_anything_changes(tmp_path):
     assert redone("forced", force=True)
     arr = np.asarray(nib.load(s.raters[1]).dataobj).copy()
     arr[0, 0, 0] = 1 - arr[0, 0, 0]
-    write_nifti(s.raters[1], arr, AFFINE)
+    write_nifti(s.raters[1], arr, nib.load(s.raters[1]).affine)
     assert redone("rater file changed")
-    write_nifti(s.reference, np.zeros(SHAPE, np.uint8), AFFINE)
+    write_nifti(s.reference, np.zeros(SHAPE, np.uint8), nib.load(s.reference).affine)
     assert redone("reference changed")
     (out / "s00" / "labels.nii.gz").unlink()
     assert redone("an output was deleted")
@@ -215,7 +215,7 @@ def test_command_reports_a_corrupt_subject_and_fuses_the_others(tmp_path, capsys
     assert list(summary["status"]) == ["done", "done", "failed", "done"]
     assert summary.loc["s02", "error"].startswith(str(tmp_path / "study" / "s02" / "rater2.nii.gz"))
     ok = summary[summary["status"] == "done"]
-    assert (ok["dice"] > 0.9).all() and (ok["iterations"] == 0).all() and (ok["seconds"] > 0).all()
+    assert (ok["dice"] > 0.8).all() and (ok["iterations"] == 0).all() and (ok["seconds"] > 0).all()
     assert ok["agreement[rater2]"].between(0.5, 1).all()
     assert sorted(p.name for p in out.iterdir()) == [".bayesfuse-batch.lock", "s00", "s01", "s03", "summary.csv"]
     for sid in ok.index:
@@ -389,7 +389,7 @@ def test_killed_batch_reruns_only_the_unfinished_subjects(tmp_path):
     assert {sid: records[sid]["run_id"] for sid in finished} == first
     assert len({records[sid]["run_id"] for sid in computed} - set(first.values())) == 1
     assert leftovers(out) == []
-    assert (summary["dice"] > 0.9).all()
+    assert (summary["dice"] > 0.8).all()
 
 
 def test_ctrl_c_stops_the_command_without_half_written_subjects(tmp_path):
