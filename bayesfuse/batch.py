@@ -481,6 +481,15 @@ def run_batch(
     InputError, ConfigError
         Before any work, for a bad manifest, method or option. Errors of
         single subjects do not raise: see the ``status`` and ``error`` columns.
+
+    Notes
+    -----
+    The local cluster's workers are spawned processes that import the
+    calling script: a script (not a notebook) that calls this function
+    without a client must do so under ``if __name__ == "__main__":``, as
+    with any Dask ``LocalCluster``. A method registered at run time
+    (:func:`bayesfuse.models.register`) works as long as the workers can
+    import its module.
     """
     from .api import TO_PROB
     from .models import get_model
