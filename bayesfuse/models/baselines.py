@@ -56,6 +56,10 @@ def vote_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Votes per class, (*spatial, K), from labels (P, *spatial).
 
     One pass per class over the labels; counts fit in uint16 (P < 65536).
+
+    References
+    ----------
+    models/baselines.md (eq:mv-votes)
     """
     counts = np.empty(labels.shape[1:] + (n_classes,), dtype=np.uint16)
     for k in range(n_classes):
@@ -98,7 +102,12 @@ def majority_vote(labels: np.ndarray, n_classes: int, ties: str = "highest") -> 
 
 
 def mean_map(data: RaterMaps) -> np.ndarray:
-    """Voxel-wise mean of the raters' probability maps, (*spatial, K)."""
+    """Voxel-wise mean of the raters' probability maps, (*spatial, K).
+
+    References
+    ----------
+    models/baselines.md (eq:mean)
+    """
     if data.n_classes == 2 and not data.has_class_axis:
         fg = data.foreground().mean(axis=0, dtype=np.float64).astype(np.float32)
         return np.stack([1 - fg, fg], axis=-1)
