@@ -1,0 +1,314 @@
+"""What the cross-check compares for each model, and the pass criteria.
+
+The harness (:mod:`bayesfuse.crosscheck`) works on the model contract; this
+module holds the two things it cannot read from the contract:
+
+- :data:`CRITERIA`: per registry name, which latent variables are compared,
+  the thresholds, and the reason (restated in each model card's
+  "Cross-check" section);
+- the adapters of the EM family, whose "posterior" is a point estimate of
+  the rater parameters theta plus the exact posterior of the labels given
+  theta: the label posterior averaged over NUTS draws of theta
+  (:func:`label_posterior`), the point estimate in the PyMC model's
+  variable names (:func:`point_estimate`), and log q of the Laplace
+  approximation for the k-hat (:func:`q_block`).
+
+What "solver vs NUTS" means per family
+--------------------------------------
+EM (STAPLE family, PSTAPLE): the PyMC model has the labels summed out, so
+NUTS samples theta. (1) The EM estimate must be the posterior mode: no NUTS
+draw may have a higher log posterior density (``mode``; sharp: a wrong
+M-step moves the point off the mode). (2) Where the model stores a Laplace
+approximation (binary STAPLE, soft-STAPLE), its draws are compared with NUTS
+per parameter, on the parameters inside (0, 1): at a boundary estimate (a
+rater with no false negatives: sensitivity 1) the logit is unbounded and
+the approximation is a point by construction. (3) The consensus: the label
+indicator's posterior Bernoulli(w_t(theta_EM)) against Bernoulli(E[w_t(theta)])
+over the NUTS draws, on the contested voxels (where the raters' hard labels
+differ; elsewhere both are 0 or 1 and agree trivially).
+
+VB (robust-t family, mixture): q and NUTS sample the same latent variables
+(the link-space consensus, biases, local reliabilities) with the
+point-estimated hyperparameters pinned at the solver's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The criterion of one compared variable.
+
+    Attributes
+    ----------
+    variable : str
+        PyMC variable name (``consensus``: the labels' posterior of an EM model).
+    within_sd : float
+        |z| = |mean_q - mean_NUTS| / sd_NUTS counted as agreement.
+    share : float or None
+        Share of the elements (``where``) that must be within ``within_sd``;
+        None: reported, not required.
+    where : {"all", "contested", "interior"}
+        ``contested``: voxels where the raters' hard labels differ;
+        ``interior``: elements where q has spread (Laplace parameters off the
+        boundary).
+    sd_ratio : (float, float) or None
+        Required range of the median sd_q / sd_NUTS (None: reported only).
+    required : bool
+        Whether a failure fails the check.
+    """
+
+    variable: str
+    within_sd: float = 0.5
+    share: float | None = 0.95
+    where: str = "all"
+    sd_ratio: tuple[float, float] | None = None
+    required: bool = True
+
+    def describe(self) -> str:
+        parts = []
+        if self.share is not None:
+            parts.append(f">= {self.share:.0%} of {self.where} elements within {self.within_sd:g} NUTS sd")
+        if self.sd_ratio is not None:
+            parts.append(f"median sd ratio in [{self.sd_ratio[0]:.2f}, {self.sd_ratio[1]:.2f}]")
+        return "; ".join(parts) if parts else "reported only"
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """A model's cross-check: compared variables, thresholds, and why.
+
+    Attributes
+    ----------
+    family : {"em", "vb"}
+    rules : tuple of Rule
+    mode : bool
+        EM: the point estimate must be the posterior mode (no NUTS draw with
+        a higher log density).
+    khat_max : float or None
+        Largest PSIS k-hat of q against the posterior on its blocks (None:
+        reported only, or no q density).
+    downsample : {"mean", "majority", "stride"}
+        How ``bayesfuse check --downsample`` reduces binary masks for this
+        model (:meth:`bayesfuse.data.RaterMaps.downsample`).
+    sbc_options : dict
+        Config options used by the SBC (priors that draw plausible raters).
+    reason : str
+        Why these criteria (restated in the card).
+    """
+
+    family: str
+    rules: tuple[Rule, ...]
+    mode: bool = False
+    khat_max: float | None = None
+    downsample: str = "mean"
+    sbc_options: dict = field(default_factory=dict)
+    reason: str = ""
+
+
+_EM_REASON = (
+    "EM returns the posterior mode of theta and the exact label posterior given it. The mode check is sharp "
+    "(a wrong M-step leaves the mode). The labels' posterior with theta integrated out by NUTS differs from "
+    "the plug-in one only through theta's uncertainty, which is small against a Bernoulli sd on the contested "
+    "voxels: >= 95% within 0.5 sd."
+)
+_LAPLACE_REASON = (
+    " The Laplace approximation of theta (Gaussian in logit space, centred at the EM mode) is compared on the "
+    "parameters inside (0, 1): every one within 1 NUTS sd (its centre is the mode, and a parameter estimated from "
+    "a few dozen voxels near 0 or 1 has a skewed posterior whose mean lies up to about one sd from its mode: "
+    "Beta(30, 1.5) has (mean - mode) / sd = 0.8), median sd ratio in [0.67, 1.5] (a wrong information matrix "
+    "fails it), joint k-hat <= 0.7 (q usable as an importance proposal for the posterior)."
+)
+
+_THETA_LAPLACE = (
+    Rule("sensitivity", within_sd=1.0, share=1.0, where="interior", sd_ratio=(2 / 3, 1.5)),
+    Rule("specificity", within_sd=1.0, share=1.0, where="interior", sd_ratio=(2 / 3, 1.5)),
+)
+_CONSENSUS_EM = Rule("consensus", within_sd=0.5, share=0.95, where="contested")
+#: Raters better than chance: the flat prior's mirror mode (x <-> 1 - x) makes
+#: the SBC measure label switching rather than the solver.
+_STAPLE_SBC = {"sensitivity_prior": (8.0, 2.0), "specificity_prior": (8.0, 2.0)}
+
+CRITERIA: dict[str, Criteria] = {
+    "staple": Criteria("em", (*_THETA_LAPLACE, _CONSENSUS_EM), mode=True, khat_max=0.7, downsample="majority",
+                       sbc_options=_STAPLE_SBC, reason=_EM_REASON + _LAPLACE_REASON),
+    "soft-staple": Criteria("em", (*_THETA_LAPLACE, _CONSENSUS_EM), mode=True, khat_max=0.7, downsample="mean",
+                            sbc_options=_STAPLE_SBC, reason=_EM_REASON + _LAPLACE_REASON
+                            + " The density is the pseudo-posterior exp(L_soft) p(theta) that the PyMC form samples."),
+    "soft-staple-simplified": Criteria("em", (*_THETA_LAPLACE, _CONSENSUS_EM), mode=True, khat_max=0.7,
+                                       downsample="mean", sbc_options=_STAPLE_SBC,
+                                       reason=_EM_REASON + _LAPLACE_REASON),
+    "multi-staple": Criteria("em", (Rule("confusion", share=None), _CONSENSUS_EM), mode=True, downsample="majority",
+                             reason=_EM_REASON + " No approximation of the confusion matrices' posterior is stored "
+                             "(a point estimate): their z against NUTS is reported, not required."),
+    "pstaple": Criteria("em", (Rule("theta", share=None), _CONSENSUS_EM), mode=True, downsample="mean",
+                        reason=_EM_REASON + " PSTAPLE stores no posterior of theta (a point estimate): its z "
+                        "against NUTS is reported, not required. MRF off only (no PyMC form with it)."),
+}
+
+
+def criteria_for(method: str) -> Criteria:
+    """The criteria of a registry name, or a NotImplementedError saying why there are none."""
+    from .models import get_model
+
+    spec = get_model(method)
+    if not spec.pymc:
+        raise NotImplementedError(f"{method}: no PyMC form ({spec.note or 'a rule'}), so nothing to cross-check")
+    if method not in CRITERIA:
+        raise NotImplementedError(f"{method}: no cross-check criteria are declared yet (bayesfuse/crosscheck_models.py)")
+    return CRITERIA[method]
+
+
+# ---------------------------------------------------------------- EM family
+def confusion_draws(post: xr.Dataset) -> np.ndarray:
+    """Draws of the confusion matrices theta[i, a, b] = p(y_i = b | x = a), (S, P, K, K).
+
+    From ``sensitivity``/``specificity`` (binary), ``confusion`` (rater,
+    true_class, rater_class) or PSTAPLE's ``theta`` (rater, decision, truth).
+    """
+    def stack(name, *dims):
+        da = post[name].stack(sample=("chain", "draw")).transpose("sample", *dims)
+        return np.asarray(da.values, dtype=np.float64)
+
+    if "confusion" in post:
+        return stack("confusion", "rater", "true_class", "rater_class")
+    if "theta" in post:
+        return stack("theta", "rater", "truth", "decision")
+    sens, spec = stack("sensitivity", "rater"), stack("specificity", "rater")
+    theta = np.empty(sens.shape + (2, 2))
+    theta[..., 0, 0], theta[..., 0, 1] = spec, 1 - spec
+    theta[..., 1, 0], theta[..., 1, 1] = 1 - sens, sens
+    return theta
+
+
+def _onto_grid(values: np.ndarray, data) -> np.ndarray:
+    """(N_roi, K) values onto (*spatial, K), background outside the ROI."""
+    k = values.shape[-1]
+    roi = data.roi()
+    out = np.zeros(data.shape + (k,))
+    out[..., 0] = 1.0
+    if roi is None:
+        out.reshape(-1, k)[...] = values
+    else:
+        out[roi] = values
+    return out
+
+
+def label_posterior(method: str, data, config, result, post: xr.Dataset, max_draws: int | None = None) -> np.ndarray:
+    """p(x_t = k | data) with theta integrated out over NUTS draws, (*spatial, K).
+
+    Each draw's label posterior w_t(theta) comes from the model's own E-step
+    (public update functions of its module); the class prior is the one the
+    solver used (pinned in the PyMC model).
+    """
+    from .models import get_model
+
+    mod_name = get_model(method).module
+    theta = confusion_draws(post)
+    if max_draws is not None and theta.shape[0] > max_draws:
+        theta = theta[np.linspace(0, theta.shape[0] - 1, max_draws).astype(int)]
+    prior = np.asarray(result.group("variational")["prior"].values, dtype=np.float64)
+    if mod_name == "bayesfuse.models.staple":
+        from . import patterns as pat
+        from .models import staple
+
+        pd = staple.pattern_data(data, config)
+        acc = np.zeros((pd.values.shape[1], pd.n_classes))
+        for t in theta:
+            acc += staple.e_step(pd.values, t, prior)[0]
+        return pat.expand(pd.patterns, acc / len(theta), data.shape, data.roi(), background=0)
+    if mod_name == "bayesfuse.models.soft_staple":
+        from .models import soft_staple as ss
+        from .models import staple
+
+        q = data.foreground(np.float64).reshape(data.n_raters, -1)
+        roi = data.roi()
+        if roi is not None:
+            q = q[:, roi.ravel()]
+        q = np.ascontiguousarray(q)
+        acc = np.zeros(q.shape[1])
+        out = np.empty(q.shape[1])
+        patterns = ss.all_patterns(data.n_raters)
+        for t in theta:
+            if config.model == "exact":
+                g = staple.e_step(patterns, t, prior)[0][:, 1]
+                ss.soft_posterior(q, g, out)
+            else:
+                ss.simplified_e_step(q, None, t, prior, posterior=out)
+            acc += out
+        w1 = acc / len(theta)
+        return _onto_grid(np.stack([1 - w1, w1], axis=1), data)
+    if mod_name == "bayesfuse.models.pstaple":
+        from .models import pstaple
+
+        D, _ = pstaple._inputs(data)
+        acc = np.zeros(D.shape[1:])
+        for t in theta:
+            # pstaple's theta is (rater, decision, truth); confusion_draws gives (rater, truth, decision)
+            acc += pstaple.e_step(pstaple.log_likelihood_terms(D, np.swapaxes(t, 1, 2)), np.log(prior))[0]
+        return _onto_grid(acc / len(theta), data)
+    raise NotImplementedError(f"{method}: no label posterior under rater draws for module {mod_name}")
+
+
+def point_estimate(method: str, result, model) -> dict[str, np.ndarray]:
+    """The solver's point estimate of every free variable of the PyMC model, by name.
+
+    Looked up in ``/raters`` then ``/variational`` under the variable's
+    name; PSTAPLE's ``theta_t`` is its ``theta`` transposed.
+    """
+    groups = [result.group("raters"), result.group("variational")]
+    out = {}
+    for rv in model.free_RVs:
+        name = rv.name
+        if name == "theta_t" and "theta" in groups[0]:
+            out[name] = np.swapaxes(groups[0]["theta"].values, -1, -2)
+            continue
+        for g in groups:
+            if name in g:
+                out[name] = np.asarray(g[name].values, dtype=np.float64)
+                break
+        else:
+            raise KeyError(f"{method}: the result holds no estimate of the PyMC variable {name!r}")
+    return out
+
+
+def q_block(method: str, result, model, n: int, random_seed) -> tuple[dict[str, np.ndarray], np.ndarray, str] | None:
+    """Draws from q on the PyMC model's value (unconstrained) scale, with log q.
+
+    Binary STAPLE and soft-STAPLE store a Gaussian q of eta = logit(theta)
+    over the parameters inside (0, 1) (``laplace_*`` of ``/variational``);
+    the PyMC model's ``sensitivity``/``specificity`` have the log-odds
+    transform, so eta is their value variable. Boundary parameters are held
+    at the EM point (a conditional block).
+
+    Returns
+    -------
+    (values, log_q, label) or None
+        ``values``: value-variable name -> (n, ...) draws; ``log_q``: (n,);
+        None when the result has no q density (a point estimate).
+    """
+    from scipy.stats import multivariate_normal
+
+    var = result.group("variational")
+    if "laplace_ok" not in var or int(var["laplace_ok"]) != 1:
+        return None
+    rng = np.random.default_rng(random_seed)
+    mean = var["laplace_mean"].values
+    cov = var["laplace_cov"].values
+    inside = var["laplace_inside"].values.astype(bool)
+    # boundary parameters: logit(1 - 1e-10) keeps the held value finite
+    eta = np.broadcast_to(np.clip(mean, -23.0, 23.0), (n, mean.size)).copy()
+    if not inside.any():
+        return None
+    mvn = multivariate_normal(mean[inside], cov[np.ix_(inside, inside)])
+    eta[:, inside] = mvn.rvs(size=n, random_state=rng).reshape(n, -1)
+    p = mean.size // 2
+    names = {rv.name: model.rvs_to_values[rv].name for rv in model.free_RVs}
+    values = {names["sensitivity"]: eta[:, :p], names["specificity"]: eta[:, p:]}
+    label = f"Laplace q of {int(inside.sum())} parameters" + (f" ({int((~inside).sum())} at the boundary held fixed)" if (~inside).any() else "")
+    return values, mvn.logpdf(eta[:, inside]).reshape(n), label
