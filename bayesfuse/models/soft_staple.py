@@ -11,7 +11,8 @@ Exchanging the sums, L_soft = sum_B Q(B) log p(B; theta) with the *soft
 pattern histogram* Q(B) = sum_t q_t(B) (eq:soft-histogram): the whole EM is
 binary STAPLE on the 2^P-vector Q, and the data are read twice, once to
 make Q and once to write w_t(1) = sum_B q_t(B) p(x=1 | B) (eq:soft-posterior).
-Both passes are blocked matrix products (eq:soft-gemm). Quantised soft masks
+Both passes form, per voxel, the outer product of two half tensor factors
+of q_t (2^P multiply-adds, no 2^P-wide temporaries) (eq:soft-gemm). Quantised soft masks
 (levels 0, gamma, 1) are compressed to their few distinct patterns first
 (:mod:`bayesfuse.patterns`), so the passes run over patterns, not voxels.
 The cost is O(N 2^P): past :data:`MAX_EXACT_RATERS` raters, the method
@@ -483,6 +484,7 @@ def soft_data(data: RaterMaps, config: Config) -> SoftData:
         hard = bool(np.all((values == 0) | (values == 1)))
         out = SoftData(q=qf, table=table, values=values, counts=counts, unanimous=unanimous, weights=None, hard=hard)
         total, fg = counts.sum(), float(values[:, counts > 0].max(initial=0.0))
+        bg = float(values[:, counts > 0].min(initial=1.0))
     else:
         weights = None
         if roi is not None or config.leave_out_unanimous:
@@ -492,16 +494,19 @@ def soft_data(data: RaterMaps, config: Config) -> SoftData:
             weights = keep.astype(np.float64)
         out = SoftData(q=qf, table=None, values=None, counts=None, unanimous=None, weights=weights, hard=False)
         total = qf.shape[1] if weights is None else weights.sum()
-        fg = 1.0 if total else 0.0
+        fg, bg = 0.0, 1.0
         if total and weights is not None:
             fg = float(max(qf[i][weights > 0].max() for i in range(qf.shape[0])))
+            bg = float(min(qf[i][weights > 0].min() for i in range(qf.shape[0])))
         elif total:
-            fg = float(qf.max())
+            fg, bg = float(qf.max()), float(qf.min())
     where = "inside the region of interest" if data.mask is not None else "in the image"
     if total == 0:
         raise InputError(who, f"the raters agree on every voxel {where}: with leave_out_unanimous there is nothing to estimate")
     if fg == 0:
         raise InputError(who, f"no rater gives any voxel {where} a foreground probability above 0: there is nothing to fuse")
+    if bg == 1:
+        raise InputError(who, f"every rater gives every voxel {where} foreground probability 1: there is nothing to fuse")
     if config.model == "exact" and not out.hard and data.n_raters > MAX_EXACT_RATERS:
         raise InputError(who, f"exact soft-STAPLE sums 2^P terms per voxel; {data.n_raters} raters with soft values exceed its "
                               f"limit of {MAX_EXACT_RATERS} (use soft-staple-simplified, whose cost is linear in P)")
