@@ -251,7 +251,8 @@ def _slices_section(result, data, image, spacing, prob, fg, maps, mass) -> str:
     if "consensus_lo" in maps and "consensus_hi" in maps:
         width = (maps["consensus_hi"] - maps["consensus_lo"]).transpose(*sdims, ...).values
         width = width if width.ndim == len(sdims) else width.max(axis=-1)
-        rows.append(figures.Row(f"{100 * mass:g}% interval width" + which, width, cmap="cividis", vmin=0, vmax=1, colorbar="hi - lo"))
+        rows.append(figures.Row(f"{100 * mass:g}% interval width" + which, width, cmap="cividis", vmin=0,
+                                vmax=max(float(width.max()), 1e-6), colorbar="hi - lo"))
     if "entropy" in maps:
         rows.append(figures.Row("entropy", maps["entropy"].transpose(*sdims).values, cmap="inferno", vmin=0, vmax=float(np.log(k)), colorbar="nats"))
     fig = figures.slice_grid(rows, centre, box, spacing, outline=fg if k == 2 else None, contours=contours)
