@@ -174,38 +174,78 @@ def _draw_points(tree: xr.DataTree, model) -> list[dict[str, np.ndarray]]:
 
 @dataclass
 class ModeCheck:
-    """Is the solver's point estimate the posterior mode?"""
+    """Is the solver's point estimate the posterior mode?
+
+    ``logp_mode`` is the log density at the mode found by L-BFGS from the
+    best NUTS draw (NUTS finds the mode's basin, the optimiser its top): the
+    best draw alone lies about half a nat per few parameters below the mode,
+    too coarse to see an estimate a fraction of a nat off.
+    """
 
     logp_point: float
+    logp_mode: float
     logp_draws_max: float
     draws_above: int
     draws: int
 
+    #: Nats by which the mode may exceed the estimate (the optimiser's and the
+    #: solver's stopping errors are far below).
+    TOL = 1e-3
+
     @property
     def gap(self) -> float:
-        """max over draws of log p - log p(point): <= 0 at the mode."""
-        return self.logp_draws_max - self.logp_point
+        """log p(mode) - log p(point): about 0 (or below, for a mode on the boundary) when the point is the mode."""
+        return self.logp_mode - self.logp_point
 
     @property
     def passed(self) -> bool:
-        return bool(np.isfinite(self.logp_point) and self.draws_above == 0)
+        return bool(np.isfinite(self.logp_point) and self.draws_above == 0 and self.gap <= self.TOL)
 
     def message(self) -> str:
         if self.passed:
-            return f"the EM estimate is the posterior mode: no NUTS draw has a higher log density (best draw {self.gap:+.3g} nats)"
-        return (f"the EM estimate is NOT the posterior mode: {self.draws_above} of {self.draws} NUTS draws have a "
-                f"higher log density (by up to {self.gap:.3g} nats)")
+            return (f"the EM estimate is the posterior mode (log density {self.gap:+.2g} nats below the optimised mode, "
+                    f"no NUTS draw above it)")
+        return (f"the EM estimate is NOT the posterior mode: its log density is {self.gap:.3g} nats below the mode; "
+                f"{self.draws_above} of {self.draws} NUTS draws lie above it")
+
+
+def _polish_mode(model, start: dict[str, np.ndarray]) -> float:
+    """Largest log density (no Jacobian) reached by L-BFGS-B from ``start`` (value space)."""
+    from scipy.optimize import minimize
+
+    names = [v.name for v in model.value_vars]
+    shapes = [np.shape(start[n]) for n in names]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+    fn = model.compile_logp(jacobian=False)
+    grad = model.compile_dlogp(jacobian=False)
+
+    def point(x):
+        out, i = {}, 0
+        for n, sh, k in zip(names, shapes, sizes):
+            out[n] = x[i:i + k].reshape(sh)
+            i += k
+        return out
+
+    def f(x):
+        p = point(x)
+        v = float(fn(p))
+        return (-v if np.isfinite(v) else 1e300), -np.asarray(grad(p), dtype=np.float64)
+
+    x0 = np.concatenate([np.ravel(start[n]) for n in names])
+    res = minimize(f, x0, jac=True, method="L-BFGS-B", options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
+    return max(-float(res.fun), float(fn(point(x0))))
 
 
 def mode_check(model, point: dict[str, np.ndarray], tree: xr.DataTree) -> ModeCheck:
-    """Compare log p(point | data) with log p at every NUTS draw (no Jacobian: the
-    density whose mode EM finds). A tolerance of 1e-8 relative absorbs the
-    solver's stopping error."""
+    """Compare log p(point | data) with log p at every NUTS draw and at the mode
+    polished from the best draw (no Jacobian: the density whose mode EM finds)."""
     fn = model.compile_logp(jacobian=False)
     lp0 = float(fn(_value_point(model, point)))
-    lps = np.array([float(fn(p)) for p in _draw_points(tree, model)])
+    points = _draw_points(tree, model)
+    lps = np.array([float(fn(p)) for p in points])
     tol = 1e-8 * max(1.0, abs(lp0))
-    return ModeCheck(lp0, float(lps.max()), int(np.sum(lps > lp0 + tol)), int(lps.size))
+    mode = _polish_mode(model, points[int(np.argmax(lps))])
+    return ModeCheck(lp0, mode, float(lps.max()), int(np.sum(lps > lp0 + tol)), int(lps.size))
 
 
 def khat_of_block(model, block, fixed_point: dict[str, np.ndarray]) -> float:
@@ -547,7 +587,8 @@ def run(
         mode = mode_check(model, point, tree)
         rows.append({c: np.nan for c in SUMMARY_COLUMNS} | {
             "variable": "mode", "elements": mode.draws, "compared": mode.draws, "where": "NUTS draws",
-            "mode_gap": mode.gap, "criterion": "no NUTS draw has a higher log posterior density than the EM estimate",
+            "mode_gap": mode.gap, "criterion": f"log density of the EM estimate within {ModeCheck.TOL:g} nats of the "
+            "posterior mode (L-BFGS from the best NUTS draw) and above every draw",
             "required": True, "passed": mode.passed})
     summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     return CrossCheck(method=method, data_description=_describe(data, note), criteria=crit, health=health,
