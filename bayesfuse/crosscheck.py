@@ -384,25 +384,35 @@ class CrossCheck:
 
     def write(self, out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
         """Write :data:`OUTPUTS` into ``out_dir`` atomically (staged, then moved)."""
-        from .commands.common import check_out_dir
+        from . import crosscheck_figures as figs
         from .result import write_tree
 
-        out = check_out_dir(out_dir, list(OUTPUTS), force)
-        out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-check-", dir=out))
-        try:
+        def fill(stage: Path) -> None:
             self.summary.to_csv(stage / "summary.csv", index=False)
             write_tree(self.tree(), stage / "crosscheck.nc")
-            from . import crosscheck_figures as figs
-
             figs.save_all(self, stage)
-            written = []
-            for n in OUTPUTS:
-                os.replace(stage / n, out / n)
-                written.append(out / n)
-            return written
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+
+        return write_staged(out_dir, OUTPUTS, force, fill)
+
+
+def write_staged(out_dir, names, force: bool, fill) -> list[Path]:
+    """Refuse to overwrite (unless ``force``), let ``fill(stage)`` write ``names``
+    into a staging folder inside ``out_dir``, then move them into place: an
+    interruption leaves the old files or the new ones, never half of them."""
+    from .commands.common import check_out_dir
+
+    out = check_out_dir(out_dir, list(names), force)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-check-", dir=out))
+    try:
+        fill(stage)
+        written = []
+        for n in names:
+            os.replace(stage / n, out / n)
+            written.append(out / n)
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 # ------------------------------------------------------------ comparison

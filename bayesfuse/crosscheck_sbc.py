@@ -22,9 +22,6 @@ SBC into a test of label switching).
 from __future__ import annotations
 
 import inspect
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,26 +91,17 @@ class SBC:
                              figure_kwargs={"figsize": (3.2 * min(n, 4), 2.8 * rows), "layout": "constrained"})
 
     def write(self, out_dir, force: bool = False) -> list[Path]:
-        from .commands.common import check_out_dir
+        from .crosscheck import write_staged
         from .figures import _plt
         from .result import write_tree
 
-        out = check_out_dir(out_dir, list(OUTPUTS), force)
-        out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-sbc-", dir=out))
-        try:
+        def fill(stage: Path) -> None:
             self.table.to_csv(stage / "sbc.csv", index=False)
             write_tree(xr.DataTree.from_dict({"/prior_sbc": self.pits}), stage / "sbc.nc")
-            pc = self.figure()
-            pc.savefig(stage / "sbc_ecdf_pit.png", dpi=90)
+            self.figure().savefig(stage / "sbc_ecdf_pit.png", dpi=90)
             _plt().close("all")
-            written = []
-            for n in OUTPUTS:
-                os.replace(stage / n, out / n)
-                written.append(out / n)
-            return written
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+
+        return write_staged(out_dir, OUTPUTS, force, fill)
 
 
 def _stack(da: xr.DataArray) -> np.ndarray:
