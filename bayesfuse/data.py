@@ -443,12 +443,21 @@ class RaterMaps:
         )
 
     def checksum(self) -> str:
-        """SHA-256 of the maps' bytes (with the files' checksums when known)."""
+        """SHA-256 identifying the input.
+
+        When the maps were read from files, the files' own SHA-256 (taken
+        while loading) identify them, with the kind, K and shape; hashing the
+        decoded arrays again would cost ten read passes over the data. Maps
+        built from arrays are hashed byte by byte.
+        """
         h = hashlib.sha256()
-        # hashlib reads the array's buffer: same bytes as tobytes(), no copy
-        h.update(np.ascontiguousarray(self.maps.values))
-        for k in sorted(self.checksums):
-            h.update(f"{k}={self.checksums[k]}".encode())
+        if self.checksums:
+            for k in sorted(self.checksums):
+                h.update(f"{k}={self.checksums[k]}".encode())
+            h.update(f"{self.kind}:{self.n_classes}:{tuple(self.maps.shape)}".encode())
+        else:
+            # hashlib reads the array's buffer: same bytes as tobytes(), no copy
+            h.update(np.ascontiguousarray(self.maps.values))
         return h.hexdigest()
 
     def to_dataset(self) -> xr.Dataset:

@@ -203,6 +203,7 @@ def load_raters(
     img_arr = None
     if image is not None:
         img_arr, img_aff = read_image(image)
+        checksums[f"image:{Path(image).name}"] = file_checksum(image)
         img_arr = img_arr.astype(np.float32)
         if img_aff is not None and ref_aff is not None and not _affines_agree(img_aff, ref_aff):
             raise InputError(str(image), f"{_fmt_affine_diff(img_aff, ref_aff)} from {ref_src}'s; the image must share the raters' grid")
@@ -211,6 +212,7 @@ def load_raters(
     mask_arr = None
     if mask is not None:
         mask_arr, m_aff = read_image(mask)
+        checksums[f"mask:{Path(mask).name}"] = file_checksum(mask)
         if m_aff is not None and ref_aff is not None and not _affines_agree(m_aff, ref_aff):
             raise InputError(str(mask), f"{_fmt_affine_diff(m_aff, ref_aff)} from {ref_src}'s; the mask must share the raters' grid")
 

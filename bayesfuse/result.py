@@ -82,6 +82,7 @@ class FusionResult:
         if "consensus" not in tree.children:
             raise ValueError("a FusionResult needs a /consensus group")
         self.tree = tree
+        self._checksum_source: RaterMaps | None = None
 
     # ----------------------------------------------------------------- build
     @classmethod
@@ -178,14 +179,19 @@ class FusionResult:
             "n_classes": int(k),
             "raters": json.dumps(data.rater_names),
             "input_kind": data.kind,
-            "input_checksum": data.checksum(),
         }
         if data.checksums:
             root_attrs["input_files"] = json.dumps(data.checksums, sort_keys=True)
+            root_attrs["input_checksum"] = data.checksum()
         if attrs:
             root_attrs.update({k: _attr_value(v) for k, v in attrs.items()})
         tree = xr.DataTree.from_dict({"/": xr.Dataset(attrs=root_attrs), **{f"/{g}": ds for g, ds in groups.items()}})
-        return cls(tree)
+        result = cls(tree)
+        if "input_checksum" not in root_attrs:
+            # Maps built from arrays: hashing them costs about ten read passes,
+            # so it is done only if the result is saved (see save()).
+            result._checksum_source = data
+        return result
 
     # ------------------------------------------------------------- accessors
     @property
@@ -310,6 +316,9 @@ class FusionResult:
         if clash and not force:
             raise OutputExistsError(f"{out / clash[0]}: exists; use --force (force=True) to overwrite")
         out.mkdir(parents=True, exist_ok=True)
+        if self._checksum_source is not None:
+            self.tree.attrs["input_checksum"] = self._checksum_source.checksum()
+            self._checksum_source = None
         stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-", dir=out))
         try:
             aff = self.affine

@@ -90,3 +90,22 @@ def test_crash_while_saving_leaves_nothing(data, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         _result(data).save(tmp_path / "out")
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_array_input_hashed_only_when_saved(data, tmp_path, monkeypatch):
+    calls = []
+    real = RaterMaps.checksum
+    monkeypatch.setattr(RaterMaps, "checksum", lambda self: calls.append(1) or real(self))
+    r = _result(data)
+    assert calls == [] and "input_checksum" not in r.tree.attrs
+    r.save(tmp_path / "o")
+    assert calls == [1]
+    assert FusionResult.load(tmp_path / "o").tree.attrs["input_checksum"] == real(data)
+
+
+def test_file_input_identified_by_file_checksums(data):
+    a = RaterMaps.from_arrays(list(data.maps.values), checksums={"r0.nii.gz": "aa", "r1.nii.gz": "bb", "r2.nii.gz": "cc"})
+    b = RaterMaps.from_arrays(list(data.maps.values), checksums={"r0.nii.gz": "aa", "r1.nii.gz": "bb", "r2.nii.gz": "cd"})
+    assert a.checksum() != b.checksum()
+    r = FusionResult.build(method="mean", data=a, config=Config(), probability=np.zeros(data.shape))
+    assert r.tree.attrs["input_checksum"] == a.checksum()
