@@ -203,8 +203,8 @@ class ModeCheck:
 
     def message(self) -> str:
         if self.passed:
-            return (f"the EM estimate is the posterior mode (log density {self.gap:+.2g} nats below the optimised mode, "
-                    f"no NUTS draw above it)")
+            where = f"{self.gap:.2g} nats below" if self.gap >= 0 else f"{-self.gap:.2g} nats above"
+            return f"the EM estimate is the posterior mode (log density {where} the optimised mode, no NUTS draw above it)"
         return (f"the EM estimate is NOT the posterior mode: its log density is {self.gap:.3g} nats below the mode; "
                 f"{self.draws_above} of {self.draws} NUTS draws lie above it")
 
