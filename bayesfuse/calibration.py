@@ -229,12 +229,14 @@ def calibrate(
 
 
 def sample_nuts(model, *, draws: int = 300, tune: int = 300, chains: int = 2, random_seed=0):
-    """NUTS draws (nutpie) of a PyMC model, as a DataTree with a ``posterior`` group."""
-    import pymc as pm
+    """NUTS draws (nutpie) of a PyMC model, as a DataTree with a ``posterior`` group.
 
-    with model:
-        return pm.sample(draws=draws, tune=tune, chains=chains, nuts_sampler="nutpie",
-                         random_seed=random_seed, progressbar=False)
+    The cross-check's runner (:func:`bayesfuse.crosscheck.sample_nuts`: one
+    NUTS runner for the project, compiled models cached by structure).
+    """
+    from .crosscheck import sample_nuts as run
+
+    return run(model, draws=draws, tune=tune, chains=chains, random_seed=random_seed)
 
 
 def _confusion_draws(post) -> np.ndarray:
