@@ -171,3 +171,24 @@ def test_command_passes_and_refuses_unhealthy_nuts(outlier, tmp_path, capsys):
     # a model without a PyMC form is refused before any work
     code = cli.main(["check", "--method", "majority-vote", "--phantom", "outlier", "--out", str(tmp_path / "e")])
     assert code == 2 or code is None
+
+
+def test_table_row_and_readme_block(outlier, tmp_path):
+    from bayesfuse import crosscheck_table as ct
+
+    cc = checked(outlier, "staple")
+    r = ct.row(cc)
+    assert r["model"] == "`staple`" and r["verdict"] == "PASS" and r["NUTS health"].startswith("ok")
+    s = cc.summary.set_index("variable")
+    assert r["voxels within 0.5 sd"] == f"{s.loc['consensus', 'share_within']:.1%} of {int(s.loc['consensus', 'compared'])} contested"
+    assert r["k-hat"] == f"{cc.khat:.2f}"
+    table = ct.markdown([r], "python -m bayesfuse.crosscheck_table staple")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Zoo\n\ntext before\n")
+    ct.update_readme(readme, table)
+    first = readme.read_text()
+    assert first.startswith("# Zoo\n\ntext before\n") and ct.START in first and "| `staple` |" in first
+    ct.update_readme(readme, table.replace("PASS", "FAIL"))
+    second = readme.read_text()
+    # the block is replaced, not appended again
+    assert second.count(ct.START) == 1 and "| FAIL |" in second and "| PASS |" not in second
