@@ -307,16 +307,19 @@ def chol_solve(L, b, x, D):
 
 @njit(inline="always", cache=True)
 def chol_inverse(L, out, D):
-    """(L L')^-1 into out, column by column."""
-    e = np.zeros(D)
-    col = np.empty(D)
+    """(L L')^-1 into out, column by column, solving in place (no allocation:
+    this runs once per voxel inside parallel kernels)."""
     for j in range(D):
         for i in range(D):
-            e[i] = 0.0
-        e[j] = 1.0
-        chol_solve(L, e, col, D)
-        for i in range(D):
-            out[i, j] = col[i]
+            t = 1.0 if i == j else 0.0
+            for k in range(i):
+                t -= L[i, k] * out[k, j]
+            out[i, j] = t / L[i, i]
+        for i in range(D - 1, -1, -1):
+            t = out[i, j]
+            for k in range(i + 1, D):
+                t -= L[k, i] * out[k, j]
+            out[i, j] = t / L[i, i]
 
 
 @njit(inline="always", cache=True)
@@ -504,7 +507,7 @@ def update_q_T(
 
     References
     ----------
-    models/robust_t.md (eq:qT)
+    models/robust_t.md (eq:rt-qT)
     """
     P, N = kd.n_raters, kd.n_voxels
     D = kd.dim
@@ -589,7 +592,7 @@ def covariance_m_step(
 
     References
     ----------
-    models/robust_t.md (eq:sigma-p)
+    models/robust_t.md (eq:rt-sigma-p)
     """
     P, N, D = kd.n_raters, kd.n_voxels, kd.dim
     w = np.asarray(weights, dtype=np.float64)

@@ -99,9 +99,15 @@ class Config:
     beta, alpha, sigma_T : float or None
         Fix the bias precision, the weights' precision, the prior variance
         of T~ at this value (None: estimated).
-    min_variance : float
-        Eigenvalue floor of Sigma_p and floor of Sigma_T, in squared link
-        units: guards the degenerate case of raters that agree exactly.
+    min_variance : float or None
+        Eigenvalue floor of Sigma_p (and floor of Sigma_T), in squared link
+        units: the resolution below which a rater is not believed more
+        precise. Default (None): 1e-4 for sqrt and identity (an sd of 0.01),
+        1e-2 for logit (0.1 in log-odds). It binds only where raters agree
+        exactly over much of the image (binary masks, saturated probability
+        maps): there the maximum-likelihood Sigma_p goes to zero (the
+        Student-t likelihood is unbounded for tied data) and nu to its lower
+        bound; see the card, section "Ties and the variance floor".
     storage : {"auto", "float32", "float64"}
         Storage of per-voxel state (tau^, mu_T, prior mean); ``auto`` takes
         float64 up to 4 million rater-voxels and float32 above. Sums are
@@ -124,7 +130,7 @@ class Config:
     beta: float | None = None
     alpha: float | None = None
     sigma_T: float | None = None
-    min_variance: float = 1e-6
+    min_variance: float | None = None
     storage: Literal["auto", "float32", "float64"] = "auto"
     sd_nodes: int = 5
 
@@ -159,14 +165,21 @@ class Config:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v > 0):
                 raise ConfigError(f"{name} must be a positive number or None, got {v!r}")
-        if not self.min_variance >= 0:
-            raise ConfigError(f"min_variance must be >= 0, got {self.min_variance}")
+        if self.min_variance is not None and not self.min_variance >= 0:
+            raise ConfigError(f"min_variance must be >= 0 or None, got {self.min_variance}")
         if int(self.sd_nodes) < 2:
             raise ConfigError(f"sd_nodes must be at least 2, got {self.sd_nodes}")
 
     @property
     def robust(self) -> bool:
         return self.likelihood == "student-t"
+
+    @property
+    def variance_floor(self) -> float:
+        """``min_variance``, or the link's default when it is None."""
+        if self.min_variance is not None:
+            return float(self.min_variance)
+        return 1e-2 if self.link == "logit" else 1e-4
 
 
 # ------------------------------------------------------ pure update functions
@@ -193,7 +206,7 @@ def update_q_tau(Dt, mu_T, S_T, mu_b, S_b, Sigma, nu):
 
     References
     ----------
-    models/robust_t.md (eq:qtau)
+    models/robust_t.md (eq:rt-qtau)
     """
     P, N, D = Dt.shape
     Sinv, _ = G.inv_logdet(Sigma)
@@ -230,7 +243,7 @@ def update_q_b(Dt, tau, mu_T, Sigma, beta):
 
     References
     ----------
-    models/robust_t.md (eq:qb)
+    models/robust_t.md (eq:rt-qb)
     """
     sw = tau.sum(axis=1)
     s1 = np.einsum("pn,pni->pi", tau, Dt - mu_T.T[None])
@@ -252,7 +265,7 @@ def update_beta(mu_b, S_b):
 
     References
     ----------
-    models/robust_t.md (eq:beta)
+    models/robust_t.md (eq:rt-beta)
     """
     P, D = mu_b.shape
     return P * D / (np.trace(S_b, axis1=1, axis2=2).sum() + np.sum(mu_b**2))
@@ -283,7 +296,7 @@ def update_nu(sum_elog_minus_tau, n_voxels, bounds=(0.5, 1000.0)):
 
     References
     ----------
-    models/robust_t.md (eq:nu)
+    models/robust_t.md (eq:rt-nu)
     """
     lo, hi = bounds
     out = np.empty(len(sum_elog_minus_tau))
@@ -304,6 +317,7 @@ def update_alpha(mu_W, s_W, n_classes_dim):
     Parameters
     ----------
     mu_W : ndarray (D, *basis_shape)
+        The means of q(W), or their eigenbasis coordinates U' mu_W (same norm).
     s_W : ndarray (*basis_shape)
         Eigenvalues of S_W (its trace is their sum).
     n_classes_dim : int
@@ -311,7 +325,7 @@ def update_alpha(mu_W, s_W, n_classes_dim):
 
     References
     ----------
-    models/robust_t.md (eq:alpha)
+    models/robust_t.md (eq:rt-alpha)
     """
     L = s_W.size
     return L * n_classes_dim / (n_classes_dim * s_W.sum() + np.sum(mu_W**2))
@@ -341,7 +355,7 @@ def update_sigma_T(sum_mu2, cross, quad_W, sum_S_diag, trace_SW_G, n_voxels, dim
 
     References
     ----------
-    models/robust_t.md (eq:sigma-T)
+    models/robust_t.md (eq:rt-sigma-T)
     """
     return (sum_mu2 - 2 * cross + quad_W + sum_S_diag + dim * trace_SW_G) / (n_voxels * dim)
 
@@ -352,7 +366,7 @@ def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_b
              prior_prec, prior_prec_prev, robust, block):
     """One sweep over the voxels: q(tau[n, :]) then q(T~[n]) at each voxel.
 
-    Both are exact coordinate updates of the ELBO (eq:qtau, eq:qT); voxels
+    Both are exact coordinate updates of the ELBO (eq:rt-qtau, eq:rt-qT); voxels
     are independent given the global parameters, so the sweep may run in
     any order and in parallel. Returns the sums every global update needs.
     """
@@ -456,6 +470,190 @@ def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_b
     return sw.sum(0), s1.sum(0), s2.sum(0), sS.sum(0), slogc.sum(0), glob.sum(0)
 
 
+#: LLVM flags of the D = 2 pass: reassociation lets the per-rater loops over a
+#: block's voxels vectorise (sums change order, not value beyond rounding);
+#: no finite-math assumptions.
+_FASTMATH = {"reassoc", "contract", "nsz"}
+
+#: Voxels per log() in the sum of log c: products of this many rates stay far
+#: inside float64's range (c lies in [nu_min / 2, 1e12] for any sane floor).
+_LOG_GROUP = 8
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_b, a_tau, nu,
+              prior_prec, prior_prec_prev, robust, block):
+    """:func:`_vb_pass` written out for D = 2 (two classes with the sqrt link).
+
+    The same updates and sums, organised for SIMD: within a block of voxels
+    each step loops over raters outside and voxels inside, on short
+    contiguous scratch vectors, with the 2 x 2 algebra in closed form. An
+    unobserved voxel gets weight 0 for every rater, which makes its q(T~)
+    the prior without a branch.
+    """
+    P, N = X.shape[0], X.shape[1]
+    has_obs = obs.shape[0] > 0
+    has_mean = prior_mean.shape[1] > 0
+    nb = (N + block - 1) // block
+    acc = np.zeros((nb, P, 10))  # sw, s1[2], s2[00, 01, 11], sS[00, 01, 11], slogc
+    glob = np.zeros((nb, 5))  # sum log|S_T|, sum mu_T^2 [2], sum S_T[k, k] [2]
+    s00, s01, s11 = Sinv[:, 0, 0].copy(), Sinv[:, 0, 1].copy(), Sinv[:, 1, 1].copy()
+    q00, q01, q11 = Sinv_prev[:, 0, 0].copy(), Sinv_prev[:, 0, 1].copy(), Sinv_prev[:, 1, 1].copy()
+    b0, b1 = mu_b[:, 0].copy(), mu_b[:, 1].copy()
+    for ib in prange(nb):
+        n0 = ib * block
+        B = min(N, n0 + block) - n0
+        d0 = np.empty((P, B))
+        d1 = np.empty((P, B))
+        t = np.empty((P, B))
+        w = np.empty(B)
+        c = np.empty(B)
+        l00 = np.empty(B)
+        l01 = np.empty(B)
+        l11 = np.empty(B)
+        h0 = np.empty(B)
+        h1 = np.empty(B)
+        for j in range(B):
+            w[j] = 0.0 if has_obs and obs[n0 + j] == 0 else 1.0
+        for p in range(P):
+            if mode == G.MODE_SQRT2:
+                for j in range(B):
+                    f = np.float64(X[p, n0 + j, 0])
+                    d0[p, j] = math.sqrt(max(1.0 - f, 0.0))
+                    d1[p, j] = math.sqrt(max(f, 0.0))
+            else:
+                for j in range(B):
+                    d0[p, j] = X[p, n0 + j, 0]
+                    d1[p, j] = X[p, n0 + j, 1]
+        if robust:
+            # q(T~)'s current covariance, from the values it was computed with
+            for j in range(B):
+                l00[j] = prior_prec_prev
+                l01[j] = 0.0
+                l11[j] = prior_prec_prev
+            for p in range(P):
+                for j in range(B):
+                    tp = w[j] * tau[p, n0 + j]
+                    l00[j] += tp * q00[p]
+                    l01[j] += tp * q01[p]
+                    l11[j] += tp * q11[p]
+            for j in range(B):
+                det = l00[j] * l11[j] - l01[j] * l01[j]
+                a00 = l11[j] / det
+                l01[j] = -l01[j] / det
+                l11[j] = l00[j] / det
+                l00[j] = a00
+            for p in range(P):
+                slog = 0.0
+                for j in range(B):
+                    e0 = d0[p, j] - mu_T[0, n0 + j] - b0[p]
+                    e1 = d1[p, j] - mu_T[1, n0 + j] - b1[p]
+                    quad = s00[p] * e0 * e0 + 2.0 * s01[p] * e0 * e1 + s11[p] * e1 * e1
+                    tr = s00[p] * l00[j] + 2.0 * s01[p] * l01[j] + s11[p] * l11[j]
+                    cj = 0.5 * nu[p] + 0.5 * (quad + tr + trace_b[p])
+                    tp = a_tau[p] / cj
+                    t[p, j] = w[j] * tp
+                    tau[p, n0 + j] = w[j] * tp + (1.0 - w[j])
+                    c[j] = w[j] * cj + (1.0 - w[j])  # log 1 = 0 for unobserved voxels
+                for j0 in range(0, B, _LOG_GROUP):
+                    pr = 1.0
+                    for j in range(j0, min(B, j0 + _LOG_GROUP)):
+                        pr *= c[j]
+                    slog += math.log(pr)
+                acc[ib, p, 9] = slog
+        else:
+            for p in range(P):
+                for j in range(B):
+                    t[p, j] = w[j]
+        # q(T~) with the new weights
+        for j in range(B):
+            l00[j] = prior_prec
+            l01[j] = 0.0
+            l11[j] = prior_prec
+            h0[j] = prior_prec * (prior_mean[0, n0 + j] if has_mean else 0.0)
+            h1[j] = prior_prec * (prior_mean[1, n0 + j] if has_mean else 0.0)
+        for p in range(P):
+            for j in range(B):
+                tp = t[p, j]
+                e0 = d0[p, j] - b0[p]
+                e1 = d1[p, j] - b1[p]
+                l00[j] += tp * s00[p]
+                l01[j] += tp * s01[p]
+                l11[j] += tp * s11[p]
+                h0[j] += tp * (s00[p] * e0 + s01[p] * e1)
+                h1[j] += tp * (s01[p] * e0 + s11[p] * e1)
+        g0 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        g3 = 0.0
+        g4 = 0.0
+        for j in range(B):
+            det = l00[j] * l11[j] - l01[j] * l01[j]
+            S00 = l11[j] / det
+            S01 = -l01[j] / det
+            S11 = l00[j] / det
+            m0 = S00 * h0[j] + S01 * h1[j]
+            m1 = S01 * h0[j] + S11 * h1[j]
+            mu_T[0, n0 + j] = m0
+            mu_T[1, n0 + j] = m1
+            h0[j] = m0  # keep the new mean and covariance for the sums below
+            h1[j] = m1
+            l00[j] = S00
+            l01[j] = S01
+            l11[j] = S11
+            g0 -= math.log(det)
+            g1 += m0 * m0
+            g2 += m1 * m1
+            g3 += S00
+            g4 += S11
+        glob[ib, 0] = g0
+        glob[ib, 1] = g1
+        glob[ib, 2] = g2
+        glob[ib, 3] = g3
+        glob[ib, 4] = g4
+        for p in range(P):
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            a3 = 0.0
+            a4 = 0.0
+            a5 = 0.0
+            a6 = 0.0
+            a7 = 0.0
+            a8 = 0.0
+            for j in range(B):
+                tp = t[p, j]
+                e0 = d0[p, j] - h0[j]
+                e1 = d1[p, j] - h1[j]
+                a0 += tp
+                a1 += tp * e0
+                a2 += tp * e1
+                a3 += tp * e0 * e0
+                a4 += tp * e0 * e1
+                a5 += tp * e1 * e1
+                a6 += tp * l00[j]
+                a7 += tp * l01[j]
+                a8 += tp * l11[j]
+            acc[ib, p, 0] = a0
+            acc[ib, p, 1] = a1
+            acc[ib, p, 2] = a2
+            acc[ib, p, 3] = a3
+            acc[ib, p, 4] = a4
+            acc[ib, p, 5] = a5
+            acc[ib, p, 6] = a6
+            acc[ib, p, 7] = a7
+            acc[ib, p, 8] = a8
+    a = acc.sum(0)
+    gl = glob.sum(0)
+    s1 = a[:, 1:3].copy()
+    s2 = np.empty((P, 2, 2))
+    sS = np.empty((P, 2, 2))
+    for p in range(P):
+        s2[p, 0, 0], s2[p, 0, 1], s2[p, 1, 0], s2[p, 1, 1] = a[p, 3], a[p, 4], a[p, 4], a[p, 5]
+        sS[p, 0, 0], sS[p, 0, 1], sS[p, 1, 0], sS[p, 1, 1] = a[p, 6], a[p, 7], a[p, 7], a[p, 8]
+    return a[:, 0].copy(), s1, s2, sS, a[:, 9].copy(), gl
+
+
 @njit(parallel=True, cache=True)
 def _S_T_kernel(tau, Sinv, prior_prec, obs, robust, out, block):
     """S_T[n] = (sum_p tau^[n,p] Sigma_p^-1 + I / Sigma_T)^-1 for every voxel."""
@@ -508,7 +706,7 @@ class VBState:
     beta: float | None
     Sinv_q: np.ndarray
     prior_prec_q: float
-    mu_W: np.ndarray | None = None
+    v_W: np.ndarray | None = None  # U' mu_W: q(W)'s means in the eigenbasis of Phi' Phi
     s_W: np.ndarray | None = None
     alpha: float | None = None
     sigma_T: float | None = None
@@ -516,6 +714,7 @@ class VBState:
     W_hyper: tuple = ()  # (alpha, sigma_T) q(W) was computed with
     stats: dict = field(default_factory=dict)
     elbo: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)  # wall time of each iteration
     floor_hits: int = 0
 
 
@@ -563,31 +762,41 @@ def _storage_dtype(config: Config, kd: G.KernelData):
 
 
 # ------------------------------------------------------------ global updates
-def _prior_mean(basis: KroneckerBasis, mu_W: np.ndarray, out: np.ndarray) -> None:
-    """out[d, :] = Phi mu_W[d] (mode products), written class by class."""
-    for i in range(mu_W.shape[0]):
-        out[i] = basis.expand(mu_W[i]).reshape(-1)
+def _prior_mean(basis: KroneckerBasis, v_W: np.ndarray, out: np.ndarray) -> None:
+    """out[d, :] = Phi mu_W[d] = Psi v_W[d] (mode products), written class by class."""
+    for i in range(v_W.shape[0]):
+        out[i] = basis.expand_eig(v_W[i], dtype=out.dtype).reshape(-1)
+
+
+def mu_W_of(prob: "Problem", st: VBState) -> np.ndarray:
+    """q(W)'s means in the bases' own coordinates, mu_W = U v_W, (D, *basis_shape)."""
+    return prob.basis.unrotate(st.v_W)
 
 
 def _update_W(prob: Problem, st: VBState, config: Config) -> dict:
-    """q(W), then alpha, then Sigma_T; returns the terms the ELBO needs."""
+    """q(W), then alpha, then Sigma_T; returns the terms the ELBO needs.
+
+    Everything in the eigenbasis of Phi' Phi: z = U' Phi' mu_T, v = U' mu_W =
+    z s / Sigma_T, <Phi' mu_T, mu_W> = <z, v>, mu_W' Phi'Phi mu_W = sum g v^2
+    and |mu_W|^2 = |v|^2 (U is orthogonal).
+    """
     basis, D = prob.basis, prob.kd.dim
-    grid = st.mu_T.reshape((D,) + prob.shape)
-    z = basis.project(grid)
-    mu_W, s = basis.posterior(z, st.alpha, st.sigma_T)
-    st.W_hyper = (st.alpha, st.sigma_T)
-    st.mu_W, st.s_W = mu_W, s
+    z = basis.project_eig(st.mu_T.reshape((D,) + prob.shape))
     g = basis.gram_eigenvalues()
-    cross = float(np.sum(z * mu_W))
-    quad_W = basis.quad_gram(mu_W)
+    s = 1.0 / (g / st.sigma_T + st.alpha)
+    v = z * (s / st.sigma_T)
+    st.W_hyper = (st.alpha, st.sigma_T)
+    st.v_W, st.s_W = v, s
+    cross = float(np.sum(z * v))
+    quad_W = float(np.sum(g * v * v))
     tr_SWG = float(np.sum(g * s))
     if config.alpha is None:
-        st.alpha = float(update_alpha(mu_W, s, D))
+        st.alpha = float(update_alpha(v, s, D))
     if config.sigma_T is None:
         glob = st.stats["glob"]
         st.sigma_T = max(
             float(update_sigma_T(glob[1 : 1 + D].sum(), cross, quad_W, glob[1 + D :].sum(), tr_SWG, prob.n_voxels, D)),
-            config.min_variance,
+            config.variance_floor,
         )
     return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG}
 
@@ -610,7 +819,7 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
     scale = max(float(np.trace(Sigma, axis1=1, axis2=2).mean()) / D, 1e-4)
     # a ridge of 1% of the average variance keeps a rater equal to the mean invertible
     Sigma = Sigma + 0.01 * scale * np.eye(D)
-    Sigma, _ = G.clip_covariance(Sigma, config.min_variance)
+    Sigma, _ = G.clip_covariance(Sigma, config.variance_floor)
     nu = np.full(P, float(config.nu if config.nu is not None else config.nu_init))
     beta = None
     if config.bias == "prior":
@@ -631,10 +840,11 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
         st.sigma_T = float(config.sigma_T) if config.sigma_T is not None else scale
         st.alpha = float(config.alpha) if config.alpha is not None else 1.0 / max(float(np.mean(np.square(mu_T[:, seen]))), 1e-6)
         grid = mu_T.reshape((D,) + prob.shape)
-        st.mu_W, st.s_W = prob.basis.posterior(prob.basis.project(grid), st.alpha, st.sigma_T)
+        st.s_W = 1.0 / (prob.basis.gram_eigenvalues() / st.sigma_T + st.alpha)
+        st.v_W = prob.basis.project_eig(grid) * (st.s_W / st.sigma_T)
         st.W_hyper = (st.alpha, st.sigma_T)
         st.prior_mean = np.empty((D, N), dtype=dtype)
-        _prior_mean(prob.basis, st.mu_W, st.prior_mean)
+        _prior_mean(prob.basis, st.v_W, st.prior_mean)
         st.prior_prec_q = 1.0 / st.sigma_T
     return st
 
@@ -656,10 +866,9 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     prior_prec = 1.0 / st.sigma_T if prob.basis is not None else 0.0
     pm = st.prior_mean if st.prior_mean is not None else np.zeros((D, 0), dtype=st.mu_T.dtype)
     tau = st.tau if st.tau is not None else np.zeros((P, 0), dtype=st.mu_T.dtype)
-    sw, s1, s2, sS, slogc, glob = _vb_pass(
-        kd.X, kd.mode, tau, st.mu_T, pm, prob.obs, Sinv, st.Sinv_q, st.mu_b, trace_b,
-        st.a_tau, st.nu, prior_prec, st.prior_prec_q, bool(config.robust), G.BLOCK,
-    )
+    args = (kd.X, kd.mode, tau, st.mu_T, pm, prob.obs, Sinv, st.Sinv_q, st.mu_b, trace_b,
+            st.a_tau, st.nu, prior_prec, st.prior_prec_q, bool(config.robust), G.BLOCK)
+    sw, s1, s2, sS, slogc, glob = _vb_pass2(*args) if D == 2 else _vb_pass(*args)
     st.Sinv_q, st.prior_prec_q = Sinv, prior_prec
     st.stats = {"sw": sw, "s1": s1, "s2": s2, "sS": sS, "slogc": slogc, "glob": glob}
 
@@ -674,7 +883,7 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     outer = np.einsum("pi,pj->pij", s1, st.mu_b)
     M = s2 - outer - np.swapaxes(outer, 1, 2) + sw[:, None, None] * (np.einsum("pi,pj->pij", st.mu_b, st.mu_b) + st.S_b) + sS
     st.stats["M"] = M
-    Sigma, hits = G.clip_covariance(M / n_obs, config.min_variance)
+    Sigma, hits = G.clip_covariance(M / n_obs, config.variance_floor)
     st.Sigma, st.floor_hits = Sigma, st.floor_hits + hits
     # nu_p
     if config.robust and config.nu is None:
@@ -690,7 +899,7 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     wterms = None
     if prob.basis is not None:
         wterms = _update_W(prob, st, config)
-        _prior_mean(prob.basis, st.mu_W, st.prior_mean)
+        _prior_mean(prob.basis, st.v_W, st.prior_mean)
     value = _elbo_fast(prob, st, config, wterms)
     if not np.isfinite(value):
         raise FloatingPointError("robust-t: the ELBO is not finite; the data may be degenerate (e.g. all raters identical)")
@@ -732,7 +941,7 @@ def _elbo_fast(prob: Problem, st: VBState, config: Config, wterms) -> float:
         L = s.size
         sq = glob[1 : 1 + D].sum() - 2 * wterms["cross"] + wterms["quad_W"] + glob[1 + D :].sum() + D * wterms["tr_SWG"]
         val += -0.5 * N * D * math.log(2 * math.pi * sT) - 0.5 * sq / sT
-        val += D * 0.5 * L * math.log(alpha / (2 * math.pi)) - 0.5 * alpha * (np.sum(st.mu_W**2) + D * s.sum())
+        val += D * 0.5 * L * math.log(alpha / (2 * math.pi)) - 0.5 * alpha * (np.sum(st.v_W**2) + D * s.sum())
         val += D * (0.5 * L * (1 + LOG2PI) + 0.5 * np.log(s).sum())
     return val
 
@@ -751,7 +960,9 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
     with bar(f"{label} VB", total=max_iter, progress=progress) as b:
         for _ in range(max_iter):
             prev = st.elbo[-1] if st.elbo else None
+            t0 = time.perf_counter()
             value = iterate(prob, st, config)
+            st.seconds.append(time.perf_counter() - t0)
             b.advance(info=f"ELBO {value:.8g}")
             if prev is not None and abs(value - prev) <= tol * abs(value):
                 converged, reason = True, f"relative ELBO change below tol ({tol:g})"
@@ -920,7 +1131,7 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         hyper["beta"] = st.beta
     if prob.basis is not None:
         bdims = tuple(f"basis_{d}" for d in sdims)
-        variational["mu_W"] = (("class",) + bdims, st.mu_W)
+        variational["mu_W"] = (("class",) + bdims, mu_W_of(prob, st))
         variational["s_W"] = (bdims, st.s_W)
         hyper.update(alpha=st.alpha, sigma_T=st.sigma_T, W_alpha=st.W_hyper[0], W_sigma_T=st.W_hyper[1])
     for k, v in hyper.items():
@@ -935,7 +1146,7 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         floor_hits=int(st.floor_hits),
     )
     rat_ds = xr.Dataset(raters, coords={"class": coords, "class2": coords})
-    return FusionResult.build(
+    result = FusionResult.build(
         method=method,
         data=data,
         config=config,
@@ -950,6 +1161,9 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         seconds=seconds,
         attrs={"link": config.link, "likelihood": config.likelihood},
     )
+    opt = result.tree["optimizer"].to_dataset()
+    result.tree["optimizer"] = xr.DataTree(opt.assign(iteration_seconds=("iteration", np.asarray(st.seconds, dtype=float))))
+    return result
 
 
 def _background_outside(prob: np.ndarray, roi) -> np.ndarray:
@@ -977,7 +1191,7 @@ def dense_q(prob: Problem, st: VBState, config: Config) -> dict:
         Ud = np.ones((1, 1))
         for U in prob.basis.U:
             Ud = np.kron(Ud, U)
-        q["mu_W"] = st.mu_W.reshape(D, -1).copy()
+        q["mu_W"] = mu_W_of(prob, st).reshape(D, -1)
         q["S_W"] = (Ud * st.s_W.reshape(-1)) @ Ud.T
     return q
 
@@ -1011,7 +1225,7 @@ def elbo_reference(Dt: np.ndarray, q: dict, hyper: dict, config: Config, Phi: np
 
     References
     ----------
-    models/robust_t.md (eq:elbo)
+    models/robust_t.md (eq:rt-elbo)
     """
     P, N, D = Dt.shape
     obs = np.ones(N, bool) if observed is None else np.asarray(observed, bool)

@@ -1,0 +1,163 @@
+"""Benchmark of the robust Student-t VB at full scale.
+
+7 raters, 180 x 256 x 256 voxels, K = 2 (foreground probability maps, float32,
+the raters' maps as a network or a conversion of masks would give them),
+spatial prior on (Gaussian bases every 4 voxels). Printed, measured in the
+same run:
+
+- the floor: one read pass over the input (P x N float32), timed as a
+  2-thread numba reduction and as numpy's single-thread ``sum``; the stricter
+  (faster) of the two is the reference;
+- seconds per VB iteration (median and max over the fit's iterations) and
+  their ratio to the floor;
+- the whole ``fit`` (input conversion, initialisation, iterations, outputs:
+  consensus, sd map, tau maps, the result tree) in seconds;
+- peak memory: the process's resident-set high-water mark while fitting
+  (reset just before ``fit`` through ``/proc/self/clear_refs``), minus the
+  resident set of the interpreter and libraries before the input existed,
+  i.e. the input plus everything the fit needs, against the input's float32
+  size (P x N x 4 bytes: a foreground map per rater, the form the input comes
+  in; a P x N x K view would be twice that).
+
+Run: ``/work/venv/bin/python benchmarks/robust_t.py [--shape 180 256 256] [--raters 7]``.
+Numba kernels are compiled (or loaded from the cache) by a warm-up fit on a
+small volume first, so the timed fit measures the solver, not the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_input(shape, n_raters, seed=0):
+    """Smooth truth (two blobs), per-rater boundary offsets, smooth noise and one local outlier."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    x = np.linspace(-1, 1, nx, dtype=np.float32)[:, None, None]
+    y = np.linspace(-1, 1, ny, dtype=np.float32)[None, :, None]
+    z = np.linspace(-1, 1, nz, dtype=np.float32)[None, None, :]
+    level = np.minimum(np.sqrt((x + 0.2) ** 2 + y**2 + z**2) - 0.45, np.sqrt((x - 0.4) ** 2 + (y - 0.3) ** 2 + (z + 0.2) ** 2) - 0.25)
+    out = np.empty((n_raters,) + tuple(shape), dtype=np.float32)
+    coarse = tuple(max(s // 16, 2) for s in shape)
+    for p in range(n_raters):
+        noise = ndimage.zoom(rng.normal(0, 0.03, coarse).astype(np.float32), [s / c for s, c in zip(shape, coarse)], order=1)
+        d = level + np.float32(rng.normal(0, 0.02)) + noise[: nx, : ny, : nz]
+        if p == 1:  # a local outlier: rater 1 marks a region the others leave out
+            d = np.minimum(d, np.sqrt((x - 0.6) ** 2 + (y + 0.5) ** 2 + z**2) - 0.15)
+        np.multiply(d, np.float32(-40.0), out=d)
+        np.exp(d, out=d)
+        out[p] = 1.0 / (1.0 + d)
+        del d, noise
+    return out
+
+
+def read_pass_seconds(X: np.ndarray, repeat: int = 3) -> tuple[float, float]:
+    """One read pass over X: (numba, 2 threads) and (numpy sum, 1 thread), best of ``repeat``."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def _sum(a):
+        flat = a.reshape(-1)
+        n = flat.size
+        nb = 64
+        acc = np.zeros(nb)
+        for b in prange(nb):
+            s = 0.0
+            for i in range(b * n // nb, (b + 1) * n // nb):
+                s += flat[i]
+            acc[b] = s
+        return acc.sum()
+
+    _sum(X[:1, :2])
+    t_nb, t_np = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        _sum(X)
+        t_nb.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        X.sum(dtype=np.float64)
+        t_np.append(time.perf_counter() - t)
+    return min(t_nb), min(t_np)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[180, 256, 256])
+    ap.add_argument("--raters", type=int, default=7)
+    ap.add_argument("--max-iter", type=int, default=200)
+    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--spacing", type=float, default=4.0, help="basis spacing in voxels")
+    args = ap.parse_args()
+
+    import numba
+
+    from bayesfuse.data import RaterMaps
+    from bayesfuse.models import robust_t as R
+
+    cfg = R.Config(basis_spacing=args.spacing)
+    # warm-up: compile (or load) the kernels on a small volume
+    small = make_input((24, 24, 24), args.raters, seed=1)
+    R.fit(RaterMaps.from_arrays(list(small), kind="probability"), cfg, max_iter=3, progress=False)
+    del small
+
+    base_kib = rss_kib()
+    t = time.perf_counter()
+    X = make_input(tuple(args.shape), args.raters)
+    data = RaterMaps.from_arrays(X, kind="probability")
+    del X
+    t_make = time.perf_counter() - t
+    X = data.maps.values
+    input_bytes = X.size * 4
+    t_nb, t_np = read_pass_seconds(X)
+    floor = min(t_nb, t_np)
+    before_kib = rss_kib()
+    have_reset = reset_peak()
+    t = time.perf_counter()
+    res = R.fit(data, cfg, max_iter=args.max_iter, tol=args.tol, progress=False)
+    t_fit = time.perf_counter() - t
+    peak_kib = rss_kib("VmHWM")
+    iters = res.tree["optimizer"]["iteration_seconds"].values
+
+    n = int(np.prod(args.shape))
+    print(f"robust-t benchmark: {args.raters} raters x {'x'.join(map(str, args.shape))} voxels ({n * args.raters / 1e6:.1f} M rater-voxels), K = 2, spatial prior (spacing {args.spacing:g} voxels)")
+    print(f"machine: {os.cpu_count()} cores, numba {numba.__version__} with {numba.get_num_threads()} threads; load average at end {os.getloadavg()[0]:.1f}")
+    print(f"input: {input_bytes / 2**20:.0f} MiB float32 (P x N foreground maps), made in {t_make:.1f} s")
+    print(f"floor, one read pass: numba 2 threads {t_nb:.3f} s, numpy sum 1 thread {t_np:.3f} s -> floor {floor:.3f} s")
+    print(f"fit: {res.n_iter} iterations, converged={res.converged} ({res.tree['optimizer'].attrs['stop_reason']}), total {t_fit:.1f} s")
+    if iters.size:
+        med, worst = float(np.median(iters)), float(iters.max())
+        print(f"per iteration: median {med:.3f} s ({med / floor:.1f} x floor), max {worst:.3f} s ({worst / floor:.1f} x floor), first {iters[0]:.3f} s")
+        print(f"iterations in total {iters.sum():.1f} s; outside the iterations (input view, init, outputs) {t_fit - iters.sum():.1f} s")
+    held = peak_kib - base_kib
+    print(f"memory: RSS before input {base_kib / 2**10:.0f} MiB, before fit {before_kib / 2**10:.0f} MiB, peak during fit {peak_kib / 2**10:.0f} MiB"
+          + ("" if have_reset else " (peak not reset: includes earlier work)"))
+    print(f"memory held by input + fit at the peak: {held / 2**10:.0f} MiB = {held * 1024 / input_bytes:.2f} x the input's float32 size"
+          f" (fit alone: {(peak_kib - before_kib) * 1024 / input_bytes:.2f} x)")
+    print(f"nu: {np.round(res.raters['nu'].values, 2).tolist()}; mean E[tau]: {np.round(res.raters['mean_tau'].values, 3).tolist()}")
+
+
+if __name__ == "__main__":
+    main()
