@@ -209,3 +209,12 @@ register(ModelSpec(
     card="robust_t.md",
     note="the biases are determined only up to a common shift without a prior: fixed by sum_p b_p = 0",
 ))
+register(ModelSpec(
+    name="mixture",
+    module="bayesfuse.models.mixture",
+    summary="Mixture of consensuses (VB in principal coordinates, variational boosting): clusters of raters, one consensus each",
+    input="any",
+    pymc=True,
+    card="mixture.md",
+    note="the main consensus is the component with the largest weight; every component's map is in components.nii.gz",
+))
