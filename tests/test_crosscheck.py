@@ -192,3 +192,24 @@ def test_table_row_and_readme_block(outlier, tmp_path):
     second = readme.read_text()
     # the block is replaced, not appended again
     assert second.count(ct.START) == 1 and "| FAIL |" in second and "| PASS |" not in second
+
+
+def test_command_on_rater_files(outlier, tmp_path, capsys):
+    """The same check from NIfTI files as from the phantom (same data: the compiled model is reused)."""
+    from bayesfuse import io
+
+    checked(outlier, "staple")
+    files = []
+    for name, mask in zip(outlier.rater_names, outlier.binary()):
+        files.append(str(io.write_nifti(tmp_path / f"{name}.nii.gz", mask, outlier.affine)))
+    code = cli.main(["check", "--method", "staple", *files, "--downsample", "8", "--out", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert code == 0 and "VERDICT: PASS" in out and "downsampled x8 by majority from 64x64x48" in out
+    from_files = pd.read_csv(tmp_path / "c" / "summary.csv").set_index("variable")
+    from_phantom = checked(outlier, "staple").summary.set_index("variable")
+    np.testing.assert_allclose(from_files.loc["consensus", "share_within"], from_phantom.loc["consensus", "share_within"])
+    # probability maps cannot be reduced by a block majority: a one-line input error, nothing written
+    code = cli.main(["check", "--method", "soft-staple", "--phantom", "probability", "--downsample", "8",
+                     "--downsample-how", "majority", "--out", str(tmp_path / "p")])
+    assert code == 2 and not (tmp_path / "p" / "summary.csv").exists()
+    assert "majority needs hard labels" in capsys.readouterr().err
