@@ -40,11 +40,11 @@ import os
 
 SMALL = os.environ.get("BAYESFUSE_NOTEBOOK_SMALL", "0") == "1"
 SIM_SHAPE = (16, 16) if SMALL else (32, 32)          # data drawn from the model (part 2-3)
-FIXED_POINT_TOL = 1e-6 if SMALL else 1e-8            # relative ELBO change at which the solver stops
-PHANTOM_SIZE = 32 if SMALL else 96                   # outlier phantom (part 4), pixels per side
+FIXED_POINT_TOL = 1e-5 if SMALL else 1e-8            # relative ELBO change at which the solver stops
+PHANTOM_SIZE = 28 if SMALL else 96                   # outlier phantom (part 4), pixels per side
 SPATIAL_SHAPE = (20, 20) if SMALL else (48, 48)      # spatial-prior study (part 5)
 SPACINGS = (4, 8) if SMALL else (2, 4, 8, 16)        # basis spacings tried, in voxels
-SPATIAL_ITER, SPATIAL_TOL = (120, 1e-5) if SMALL else (400, 1e-6)
+SPATIAL_ITER, SPATIAL_TOL = (60, 1e-5) if SMALL else (400, 1e-6)
 N_RATERS = 5
 SEED = 3
 

@@ -195,12 +195,14 @@ if DATA is not None:
 # %%
 if DATA is not None:
     ids = datasets.lidc_cases("test", min_raters=4)
-    outlined = [i for i in ids if datasets.lidc_case(i).raters.binary().reshape(4, -1).any(axis=1).all()]
-    chosen = outlined[:: max(len(outlined) // N_LIDC, 1)][:N_LIDC]
-    print(f"{len(outlined)} of {len(ids)} four-radiologist test slices were outlined by all four")
+    step = max(len(ids) // N_LIDC, 1)
     lidc = []
-    for case_id in chosen:
+    for case_id in ids[::step] + ids:  # spread over the split; the rest if too few qualify
+        if len(lidc) == N_LIDC:
+            break
         case = datasets.lidc_case(case_id)
+        if any(case.name == c.name for c, _, _ in lidc) or not case.raters.binary().reshape(4, -1).any(axis=1).all():
+            continue  # taken already, or a radiologist drew nothing
         vote = bayesfuse.fuse(case.raters, "majority-vote", progress=False)
         assert np.array_equal(vote.labels.values > 0, case.reference > 0), case_id
         st = bayesfuse.fuse(case.raters, "staple", progress=False)
