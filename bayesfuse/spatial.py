@@ -113,10 +113,18 @@ def mode_product(x: np.ndarray, mats: Sequence[np.ndarray | None], transpose: bo
     work = np.dtype(dtype) if dtype is not None else (np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64))
     y = np.ascontiguousarray(x, dtype=work)
     lead = y.ndim - d
-    for a in range(d - 1, -1, -1):
+
+    def out_size(a):
         M = mats[a]
-        if M is None:
-            continue
+        return M.shape[1] if transpose else M.shape[0]
+
+    # Order: shrink first by the smallest output, grow last by the smallest
+    # output; the volume-sized product then has the fewest columns.
+    axes = [a for a in range(d) if mats[a] is not None]
+    shrinking = sum(out_size(a) for a in axes) <= sum(y.shape[lead + a] for a in axes)
+    axes.sort(key=out_size, reverse=not shrinking)
+    for a in axes:
+        M = mats[a]
         A = (M if transpose else M.T).astype(work, copy=False)  # (n_a, m_a): contract axis a with A's rows
         shape = y.shape
         n, m = A.shape

@@ -676,6 +676,13 @@ def _S_T_kernel(tau, Sinv, prior_prec, obs, robust, out, block):
                     for i in range(D):
                         for j in range(D):
                             lam[i, j] += tp * Sinv[p, i, j]
+            if D == 2:
+                det = lam[0, 0] * lam[1, 1] - lam[0, 1] * lam[1, 0]
+                out[n, 0, 0] = lam[1, 1] / det
+                out[n, 0, 1] = -lam[0, 1] / det
+                out[n, 1, 0] = -lam[1, 0] / det
+                out[n, 1, 1] = lam[0, 0] / det
+                continue
             G.chol(lam, L, D)
             G.chol_inverse(L, Sn, D)
             for i in range(D):
@@ -802,24 +809,26 @@ def _update_W(prob: Problem, st: VBState, config: Config) -> dict:
 
 
 def _init_state(prob: Problem, config: Config, dtype) -> VBState:
+    """The start: the raters' plain mean for mu_T, tau = 1, b = 0, Sigma_p from
+    the residuals around the mean, and q(W) fitted to that mean."""
     kd = prob.kd
     P, N, D = kd.n_raters, kd.n_voxels, kd.dim
-    seen = np.ones(N, bool) if prob.obs.size == 0 else prob.obs.astype(bool)
-    ones = np.where(seen, 1.0, 0.0)[None].repeat(P, 0) if prob.obs.size else np.ones(P)
-    eyes = np.broadcast_to(np.eye(D), (P, D, D))
-    # the raters' plain mean (unobserved voxels get 0 until the prior fills them)
+    eyes = np.ascontiguousarray(np.broadcast_to(np.eye(D), (P, D, D)))
     mu_T = np.zeros((D, N), dtype=dtype)
-    if prob.obs.size:
-        mu_sub, _ = G.update_q_T(kd.subset(np.flatnonzero(seen)), np.ones(P), eyes)
-        mu_T[:, seen] = mu_sub
-    else:
-        G.update_q_T(kd, ones, eyes, out=mu_T)
+    # one Gaussian pass with identity covariances and no bias is the plain mean
+    # (a vanishing prior precision keeps unobserved voxels finite, at 0)
+    pass_fn = _vb_pass2 if D == 2 else _vb_pass
+    _, _, s2, _, _, glob = pass_fn(
+        kd.X, kd.mode, np.zeros((P, 0), dtype=dtype), mu_T, np.zeros((D, 0), dtype=dtype), prob.obs, eyes, eyes,
+        np.zeros((P, D)), np.zeros(P), np.ones(P), np.ones(P), 1e-12, 1e-12, False, G.BLOCK,
+    )
     n_obs = prob.n_observed
-    Sigma = G.covariance_m_step(kd, ones, mu_T, np.zeros((D, D))) * N / n_obs
+    Sigma = s2 / n_obs
     scale = max(float(np.trace(Sigma, axis1=1, axis2=2).mean()) / D, 1e-4)
     # a ridge of 1% of the average variance keeps a rater equal to the mean invertible
     Sigma = Sigma + 0.01 * scale * np.eye(D)
     Sigma, _ = G.clip_covariance(Sigma, config.variance_floor)
+    mean_sq = float(glob[1 : 1 + D].sum()) / (n_obs * D)
     nu = np.full(P, float(config.nu if config.nu is not None else config.nu_init))
     beta = None
     if config.bias == "prior":
@@ -838,7 +847,7 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
     )
     if prob.basis is not None:
         st.sigma_T = float(config.sigma_T) if config.sigma_T is not None else scale
-        st.alpha = float(config.alpha) if config.alpha is not None else 1.0 / max(float(np.mean(np.square(mu_T[:, seen]))), 1e-6)
+        st.alpha = float(config.alpha) if config.alpha is not None else 1.0 / max(mean_sq, 1e-6)
         grid = mu_T.reshape((D,) + prob.shape)
         st.s_W = 1.0 / (prob.basis.gram_eigenvalues() / st.sigma_T + st.alpha)
         st.v_W = prob.basis.project_eig(grid) * (st.s_W / st.sigma_T)
@@ -1024,6 +1033,21 @@ def _scatter(values: np.ndarray, region, full_shape, fill) -> np.ndarray:
     return out
 
 
+def _scatter_first(values: np.ndarray, region, full_shape, fill) -> np.ndarray:
+    """Class- or rater-first rows (C, N) back on the subject's grid, (C, *shape).
+
+    A view when the solver saw the whole grid (no copy of tau or mu_T).
+    """
+    C = values.shape[0]
+    if region[0] == "all":
+        return values.reshape((C,) + tuple(full_shape))
+    fill = np.broadcast_to(np.asarray(fill, dtype=values.dtype), (C,))
+    out = np.empty((C,) + tuple(full_shape), dtype=values.dtype)
+    for c in range(C):
+        out[c] = _scatter(values[c], region, full_shape, fill[c])
+    return out
+
+
 def fit(
     data: RaterMaps,
     config: Config | None = None,
@@ -1093,10 +1117,10 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         st.prior_mean = None  # not needed any more: free it before the outputs are made
     S_T = S_T_of(prob, st, config, np.float32)
     bg = _background_coords(space)
-    mu_full = np.moveaxis(_scatter(st.mu_T.T.astype(np.float32, copy=False), region, shape, bg), -1, 0)
+    mu_full = _scatter_first(st.mu_T.astype(np.float32, copy=False), region, shape, bg)
     S_full = _scatter(S_T, region, shape, 0.0)
     del S_T
-    prob_map = G.inverse_link_map(np.ascontiguousarray(mu_full.reshape(D, -1)), space).reshape(shape + (K,))
+    prob_map = G.inverse_link_map(mu_full.reshape(D, -1), space).reshape(shape + (K,))
     summ = G.probability_summaries(
         np.moveaxis(mu_full, 0, -1), S_full, space, method="quadrature", mass=None, n_nodes=int(config.sd_nodes)
     )
@@ -1118,8 +1142,7 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         "Sigma": (("rater", "class", "class2"), st.Sigma),
     }
     if config.robust:
-        tau = _scatter(st.tau.T.astype(np.float32, copy=False), region, shape, 1.0)
-        tau = np.moveaxis(tau, -1, 0)
+        tau = _scatter_first(st.tau.astype(np.float32, copy=False), region, shape, 1.0)
         maps["tau"] = (("rater",) + sdims, tau)
         raters["nu"] = ("rater", st.nu)
         raters["mean_tau"] = ("rater", sw / n_obs)
@@ -1352,3 +1375,210 @@ def simulate(config: Config | None = None, shape=(32, 32), n_raters: int = 5, ra
         "b": b, "tau": tau, "W": W, **h,
     }
     return data, truth
+
+
+# ------------------------------------------------------------- PyMC model
+def fixed_from_result(result: FusionResult) -> dict:
+    """The point-estimated hyperparameters of a VB result, to pin in :func:`build_model`.
+
+    Returns ``Sigma`` (P, D, D), ``nu`` (P,) (Student-t), ``beta``
+    (bias prior), ``alpha`` and ``sigma_T`` (spatial prior), and ``b``
+    (P, D) for maximum-likelihood biases (a parameter, not a latent
+    variable, in that variant).
+    """
+    var = result.group("variational")
+    cfg = result.config
+    out = {"Sigma": var["Sigma"].values.astype(float)}
+    if cfg.get("likelihood", "student-t") == "student-t":
+        out["nu"] = var["nu"].values.astype(float)
+    for k in ("beta", "alpha", "sigma_T"):
+        if k in var:
+            out[k] = float(var[k].values)
+    if cfg.get("bias") == "ml":
+        out["b"] = var["mu_b"].values.astype(float)
+    return out
+
+
+def _config_of(result: FusionResult) -> Config:
+    cfg = dict(result.config)
+    for k in ("basis_spacing", "basis_width", "basis_origin", "nu_bounds"):
+        if isinstance(cfg.get(k), list):
+            cfg[k] = tuple(cfg[k])
+    return Config(**cfg)
+
+
+def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fixed", fixed: dict | None = None,
+                *, tau: str = "explicit"):
+    """The declarative PyMC model of (eq:rt-model), dims ``rater``, ``class``, x, y(, z).
+
+    Parameters
+    ----------
+    data : RaterMaps
+        A small (downsampled) subject: NUTS samples one T~ and, for the
+        Student-t, one tau per rater and voxel. A region of interest is not
+        supported here (crop instead).
+    config : Config, optional
+    hyper : {"fixed", "prior"}
+        ``"fixed"`` pins Sigma_p, nu_p, beta, alpha, Sigma_T (and the ML
+        biases of ``continuous-staple``) at ``fixed``, so that NUTS samples
+        exactly the posterior the VB approximates. ``"prior"`` puts weak
+        priors on them instead: LKJ (eta = 2) with half-normal scales on each
+        Sigma_p, Gamma(2, 0.1) on nu_p, Gamma(1, 1e-3)-like weak priors on the
+        precisions beta and alpha, a half-normal on sqrt(Sigma_T).
+    fixed : dict, optional
+        Values for ``hyper="fixed"`` (see :func:`fixed_from_result`);
+        default: those of a VB fit of ``data`` with ``config``.
+    tau : {"explicit", "marginal"}
+        Student-t written as the Gaussian scale mixture with tau[n, p] ~
+        Gamma(nu/2, nu/2) explicit (the paper's graphical model), or with tau
+        integrated out (``pm.MvStudentT``).
+
+    Returns
+    -------
+    pymc.Model
+        Free variables ``T`` (x, y[, z], class), ``b`` (rater, class),
+        ``tau`` (rater, x, y[, z]), ``W`` (class, basis_x, basis_y[, basis_z]);
+        the observed link coordinates ``D_obs``.
+    """
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    config = config or Config()
+    if hyper not in ("fixed", "prior"):
+        raise ConfigError(f"hyper must be 'fixed' or 'prior', not {hyper!r}")
+    if tau not in ("explicit", "marginal"):
+        raise ConfigError(f"tau must be 'explicit' or 'marginal', not {tau!r}")
+    if data.roi() is not None:
+        raise InputError("mask", "the PyMC form of robust-t takes the whole grid; crop to the region of interest instead")
+    kd = G.prepare(data, config.link)
+    space = kd.space
+    P, D = kd.n_raters, kd.dim
+    sdims, shape = data.spatial_dims, data.shape
+    Dt = kd.coords().reshape((P,) + shape + (D,))
+    if hyper == "fixed" and fixed is None:
+        fixed = fixed_from_result(fit(data, config, progress=False))
+    coords = {"rater": data.rater_names, "class": space.coord_labels(), "class2": space.coord_labels()}
+    coords.update({d: np.arange(s) for d, s in zip(sdims, shape)})
+    basis = None
+    if config.spatial_prior:
+        basis = KroneckerBasis.create(shape, config.basis_spacing, config.basis_width, config.basis_origin,
+                                      voxel_size=data.spacing, units=config.basis_units)
+        coords.update({f"basis_{d}": np.arange(n) for d, n in zip(sdims, basis.basis_shape)})
+    robust = config.robust
+    with pm.Model(coords=coords) as model:
+        D_data = pm.Data("D_link", Dt, dims=("rater",) + sdims + ("class",))
+        if hyper == "fixed":
+            Sigma = pt.as_tensor(np.asarray(fixed["Sigma"], float))
+            chol = pt.as_tensor(np.linalg.cholesky(np.asarray(fixed["Sigma"], float)))
+            nu = pt.as_tensor(np.asarray(fixed["nu"], float)) if robust else None
+            beta = fixed.get("beta")
+            alpha = fixed.get("alpha")
+            sigma_T = fixed.get("sigma_T")
+        else:
+            chols = []
+            for p in range(P):
+                if D == 1:
+                    c = pm.HalfNormal(f"Sigma_sd_{p}", 1.0).reshape((1, 1))
+                else:
+                    c, _, _ = pm.LKJCholeskyCov(f"Sigma_chol_{p}", n=D, eta=2.0, sd_dist=pm.HalfNormal.dist(1.0), compute_corr=True)
+                chols.append(c)
+            chol = pt.stack(chols)
+            Sigma = pm.Deterministic("Sigma", chol @ chol.transpose(0, 2, 1), dims=("rater", "class", "class2"))
+            nu = pm.Gamma("nu", 2.0, 0.1, dims="rater") if robust else None
+            beta = pm.Gamma("beta", 1.0, 1e-3) if config.bias == "prior" else None
+            alpha = pm.Gamma("alpha", 1.0, 1e-3) if basis is not None else None
+            sigma_T = pm.HalfNormal("sigma_T_sd", 1.0) ** 2 if basis is not None else None
+        # consensus in link space
+        if basis is not None:
+            L = basis.n_basis
+            W = pm.Normal("W", 0.0, 1.0 / pt.sqrt(alpha), dims=("class",) + tuple(f"basis_{d}" for d in sdims))
+            Phi = pt.as_tensor(basis.dense())  # small grids only (the PyMC form is for downsampled data)
+            mean = (W.reshape((D, L)) @ Phi.T).T.reshape(shape + (D,))
+            T = pm.Normal("T", mean, pt.sqrt(sigma_T), dims=sdims + ("class",))
+        else:
+            T = pm.Flat("T", dims=sdims + ("class",))
+        # biases
+        if config.bias == "prior":
+            b = pm.Normal("b", 0.0, 1.0 / pt.sqrt(beta), dims=("rater", "class"))
+        elif config.bias == "ml":
+            # without a prior the biases are only defined up to a common shift:
+            # pinned (fixed) or given a weak prior on the sum-zero gauge
+            if hyper == "fixed":
+                b = pt.as_tensor(np.asarray(fixed["b"], float))
+            else:
+                b = pm.ZeroSumNormal("b", sigma=10.0, dims=("rater", "class"), n_zerosum_axes=1)
+        else:
+            b = pt.zeros((P, D))
+        bexp = b.reshape((P,) + (1,) * len(shape) + (D,))
+        mu = T[None] + bexp
+        cexp = chol.reshape((P,) + (1,) * len(shape) + (D, D))
+        if robust and tau == "explicit":
+            nexp = nu.reshape((P,) + (1,) * len(shape))
+            tau_rv = pm.Gamma("tau", nexp / 2, nexp / 2, dims=("rater",) + sdims)
+            pm.MvNormal("D_obs", mu=mu, chol=cexp / pt.sqrt(tau_rv)[..., None, None], observed=D_data,
+                        dims=("rater",) + sdims + ("class",))
+        elif robust:
+            nexp = nu.reshape((P,) + (1,) * len(shape))
+            pm.MvStudentT("D_obs", nu=nexp, mu=mu, scale=Sigma.reshape((P,) + (1,) * len(shape) + (D, D)),
+                          observed=D_data, dims=("rater",) + sdims + ("class",))
+        else:
+            pm.MvNormal("D_obs", mu=mu, chol=cexp, observed=D_data, dims=("rater",) + sdims + ("class",))
+    return model
+
+
+def posterior_draws(result: FusionResult, n: int = 1000, region=None, random_seed=None) -> xr.DataTree:
+    """Draws from q with ``chain`` (1) and ``draw`` dims, named and shaped as in :func:`build_model`.
+
+    ``T`` (spatial, class) ~ N(mu_T, S_T) per voxel; ``tau`` (rater, spatial)
+    ~ Gamma(a, a / E[tau]) (Student-t); ``b`` (rater, class) ~ N(mu_b, S_b)
+    (bias prior); ``W`` (class, basis dims) ~ N(mu_W, S_W), S_W in its
+    Kronecker eigenbasis. Independent across factors, as q is.
+
+    Parameters
+    ----------
+    result : FusionResult
+    n : int
+        Number of draws.
+    region : dict {dim: slice} or tuple of slices, optional
+        Spatial sub-box for T and tau (draws of a whole volume are large).
+    random_seed : optional
+    """
+    rng = np.random.default_rng(random_seed)
+    var = result.group("variational")
+    sdims = result.spatial_dims
+    if region is None:
+        sel = {}
+    elif isinstance(region, dict):
+        sel = dict(region)
+    else:
+        sel = dict(zip(sdims, region))
+    mu = var["mu_T"].isel(sel).transpose(*sdims, "class")
+    S = var["S_T"].isel(sel).transpose(*sdims, "class", "class2").values.astype(float)
+    D = mu.sizes["class"]
+    Lc = np.linalg.cholesky(S + 1e-30 * np.eye(D))  # outside the ROI S_T = 0: a point mass
+    z = rng.standard_normal((n,) + mu.shape)
+    T = mu.values[None] + np.einsum("...ij,n...j->n...i", Lc, z)
+    post = {"T": (("chain", "draw") + sdims + ("class",), T[None])}
+    coords = {d: mu[d].values for d in mu.dims}
+    if "tau_shape" in var:
+        a = var["tau_shape"].values
+        m = var["tau_mean"].isel(sel).transpose("rater", *sdims).values.astype(float)
+        shape_a = a.reshape((-1,) + (1,) * len(sdims))
+        tau = rng.gamma(shape_a, m / shape_a, size=(n,) + m.shape)
+        post["tau"] = (("chain", "draw", "rater") + sdims, tau[None])
+    cfg = result.config
+    if cfg.get("bias", "prior") == "prior":
+        Lb = np.linalg.cholesky(var["S_b"].values)
+        b = var["mu_b"].values[None] + np.einsum("pij,npj->npi", Lb, rng.standard_normal((n,) + var["mu_b"].shape))
+        post["b"] = (("chain", "draw", "rater", "class"), b[None])
+    if "mu_W" in var:
+        config = _config_of(result)
+        grid = tuple(var.attrs["grid_shape"])
+        spacing = tuple(float(s) for s in result.tree.attrs["spacing"])
+        basis = KroneckerBasis.create(grid, config.basis_spacing, config.basis_width, config.basis_origin,
+                                      voxel_size=spacing, units=config.basis_units)
+        W = basis.sample(var["mu_W"].values, var["s_W"].values[None], rng, n=n)
+        post["W"] = (("chain", "draw") + var["mu_W"].dims, W[None])
+    ds = xr.Dataset(post, coords={**coords, "rater": result.rater_names, "chain": [0], "draw": np.arange(n)})
+    ds.attrs["source"] = f"bayesfuse {result.method}: draws from the variational posterior q"
+    return xr.DataTree.from_dict({"/posterior": ds})
