@@ -595,13 +595,26 @@ def run_scheme(scores: np.ndarray, config: Config, *, max_iter: int, tol: float,
 GRAM_BLOCK = 1 << 16
 
 
+@njit(parallel=True, cache=True)
+def _coords_block(X, mode, start, out):
+    """out[d, p, i] = D~[p, start + i, d] (class-first, so each (d, p) row is contiguous)."""
+    D, P, B = out.shape
+    for i in prange(B):
+        v = np.empty(D)
+        for p in range(P):
+            G.load_d(X, p, start + i, mode, v)
+            for d in range(D):
+                out[d, p, i] = v[d]
+
+
 def gram_matrices(kd: G.KernelData, block: int = GRAM_BLOCK) -> np.ndarray:
     """Class-resolved Gram matrices of the raters' link maps, in one pass.
 
     G[d, e, p, q] = sum_n D~[p, n, d] D~[q, n, e] (float64). Their trace
     over (d, e) is the Gram matrix of the whole maps (the PCA's input); the
     blocks give the paper's voxel-level covariances without another pass
-    (:func:`voxel_covariances`).
+    (:func:`voxel_covariances`). Each block of voxels is written class-first
+    in float64, then one matrix product per pair of coordinates.
 
     Parameters
     ----------
@@ -620,12 +633,14 @@ def gram_matrices(kd: G.KernelData, block: int = GRAM_BLOCK) -> np.ndarray:
     """
     p, n, d = kd.n_raters, kd.n_voxels, kd.dim
     out = np.zeros((d, d, p, p))
+    buf = np.empty((d, p, min(block, n)))
     for s in range(0, n, block):
-        c = G.link_coords(kd.X[:, s : s + block], kd.mode, d)  # (P, b, D)
+        b = min(block, n - s)
+        c = buf[:, :, :b] if b == buf.shape[2] else np.empty((d, p, b))
+        _coords_block(kd.X, kd.mode, s, c)
         for i in range(d):
-            ci = c[:, :, i]
             for k in range(i, d):
-                g = ci @ c[:, :, k].T
+                g = c[i] @ c[k].T
                 out[i, k] += g
                 if k != i:
                     out[k, i] += g.T
@@ -900,10 +915,8 @@ def _build(data, config, method, kd, pc, scheme, st, maps, sigma_vox, roi, secon
     coords = space.coord_labels()
     mu_T = _full(maps["mu_T"], shape, roi, 0.0)
     S_T = _full(maps["S_T"], shape, roi, 0.0)
-    if "foreground" in maps:
-        comp_maps = {"components": (("component",) + sdims, np.stack([_full(f, shape, roi, 0.0) for f in maps["foreground"]]))}
-    else:
-        comp_maps = {"component_labels": (("component",) + sdims, np.stack([_full(f, shape, roi, 0) for f in maps["labels"]]))}
+    name, per = ("components", maps["foreground"]) if "foreground" in maps else ("component_labels", maps["labels"])
+    comp_maps = {name: (("component",) + sdims, _full(per.T, shape, roi, 0).transpose((len(shape),) + tuple(range(len(shape)))))}
     maps_ds = xr.Dataset(comp_maps, coords={"component": comp})
     for v in maps_ds.data_vars:
         maps_ds[v].attrs["description"] = f"bayesfuse {method} consensus of each component"
@@ -981,6 +994,7 @@ def fixed_from_result(result: FusionResult) -> dict:
         "n_components": int(var.sizes["component"]),
         "n_modes": int(var.attrs["n_modes"]),
         "prior_var": float(var.attrs["prior_var"]),
+        "w_mean": var["w_mean"].values.tolist(),
     }
 
 
@@ -1008,10 +1022,16 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
 
     Notes
     -----
-    Label switching: with pinned, unequal pi the modes of the posterior are
-    not exchangeable, but NUTS chains can still settle in permuted modes
-    when components are close; :func:`match_components` relabels each chain
-    to the VB's components (Hungarian matching on the means).
+    Label switching: the posterior has one mode per labelling of the
+    components (exactly symmetric when pi is uniform). With ``fixed["w_mean"]``
+    the chains start at the VB's means, so they explore the VB's labelling
+    when the components are well apart; :func:`match_components` relabels
+    each chain to the VB's components (Hungarian matching on the means)
+    when they are not.
+
+    References
+    ----------
+    models/mixture.md (eq:mix-model), (eq:mix-marginal)
     """
     import pymc as pm
     import pytensor.tensor as pt
@@ -1033,7 +1053,9 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
     with pm.Model(coords=coords) as model:
         a_d = pm.Data("scores", a, dims=("rater", "mode"))
         t_d = pm.Data("tail", tail, dims="rater")
-        w = pm.Normal("w", 0.0, math.sqrt(prior_var), dims=("component", "mode"))
+        # chains start at the VB's means (nutpie jitters by U(-1, 1)), in its labelling
+        start = np.asarray(fixed["w_mean"], dtype=float).reshape(m, -1)[:, :q] if "w_mean" in fixed else None
+        w = pm.Normal("w", 0.0, math.sqrt(prior_var), dims=("component", "mode"), initval=start)
         if hyper == "fixed":
             if "pi" not in fixed or "sigma2" not in fixed:
                 raise ConfigError("mixture: hyper='fixed' needs fixed['pi'] and fixed['sigma2'] (see fixed_from_result)")
@@ -1097,16 +1119,30 @@ def posterior_draws(result: FusionResult, n: int = 1000, region=None, random_see
     s = var["w_var"].values
     rng = np.random.default_rng(random_seed)
     draws = mu[None] + np.sqrt(s)[None, :, None] * rng.standard_normal((int(n),) + mu.shape)
+    # the PyMC model's deterministic p(z_p = m | y, w) at each draw (pi, sigma^2 pinned)
+    q = mu.shape[1]
+    a, tail = split_scores(var["scores"].values, q)
+    sigma2 = result.group("raters")["sigma2"].values
+    pi = var["pi"].values
+    j = var.sizes["pc"]
+    resp = np.empty((int(n), a.shape[0], mu.shape[0]))
+    for i in range(int(n)):
+        d2 = expected_sq_dist(a, tail, draws[i], np.zeros(mu.shape[0]))
+        resp[i], _ = update_responsibilities(d2, pi, sigma2, j)
     post = xr.Dataset(
-        {"w": (("chain", "draw", "component", "mode"), draws[None])},
-        coords={"chain": [0], "draw": np.arange(int(n)), "component": var["component"].values, "mode": var["mode"].values},
+        {
+            "w": (("chain", "draw", "component", "mode"), draws[None]),
+            "responsibility": (("chain", "draw", "rater", "component"), resp[None]),
+        },
+        coords={"chain": [0], "draw": np.arange(int(n)), "component": var["component"].values,
+                "mode": var["mode"].values, "rater": result.rater_names},
         attrs={"approximation": "mean-field VB q(w_m) (models/mixture.md eq:mix-qw)"},
     )
     return xr.DataTree.from_dict({"/posterior": post})
 
 
 def simulate(config: Config | None = None, shape=(32, 32, 24), n_raters: int = 6, random_seed=None,
-             n_components: int = 2, noise: float = 0.15) -> tuple[RaterMaps, dict]:
+             n_components: int = 2, noise: float = 0.1) -> tuple[RaterMaps, dict]:
     """Raters drawn from the paper's voxel-level story of the mixture.
 
     M truths (a ball, with a lobe added for truth 1 and a bite removed for
@@ -1129,7 +1165,7 @@ def simulate(config: Config | None = None, shape=(32, 32, 24), n_raters: int = 6
         if m:
             centre = np.zeros(len(shape))
             centre[(m - 1) % len(shape)] = 0.5 if m % 2 else -0.5
-            ball = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) < 0.3
+            ball = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) < 0.4
             t = (t | ball) if m % 2 else (t & ~ball)
         truths.append(t.astype(np.uint8))
     membership = np.repeat(np.arange(n_components), [len(b) for b in np.array_split(np.arange(n_raters), n_components)])
