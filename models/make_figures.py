@@ -60,13 +60,14 @@ class Setting:
     cal_options: dict = field(default_factory=dict)
 
 
+#: The STAPLE family and PSTAPLE: the command their cards document
+#: (``bayesfuse check --method M --phantom outlier --downsample 8``).
 SETTINGS: dict[str, Setting] = {
-    "staple": Setting(phantom="simple"),
+    "staple": Setting(phantom="outlier", downsample=8),
     "multi-staple": Setting(phantom="multiclass", calibrate=False),
-    "soft-staple": Setting(),
-    # flat priors put the simplified model's optimum on the boundary (card): Beta(2, 2) keeps it inside
-    "soft-staple-simplified": Setting(options=("sensitivity_prior=2,2", "specificity_prior=2,2")),
-    "pstaple": Setting(),
+    "soft-staple": Setting(phantom="outlier", downsample=8),
+    "soft-staple-simplified": Setting(phantom="outlier", downsample=8),
+    "pstaple": Setting(phantom="outlier", downsample=8),
     "robust-t": Setting(cal_shape=(32, 32)),
     "gaussian": Setting(cal_shape=(32, 32)),
     "continuous-staple": Setting(cal_shape=(32, 32)),
@@ -92,7 +93,9 @@ def crosscheck(method: str, s: Setting, folder: Path) -> str:
         run = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, cwd=ROOT)
         text = (run.stdout + run.stderr).strip()
         if not out.is_dir() or not (out / "summary.csv").is_file():
-            raise RuntimeError(f"`{' '.join(cmd)}` exited {run.returncode}: {text.splitlines()[-1] if text else 'no output'}")
+            last = text.splitlines()[-1].replace(str(out), "OUT") if text else "no output"
+            shown = " ".join("OUT" if c == str(out) else c for c in cmd)
+            raise RuntimeError(f"`{shown}` exited {run.returncode}: {last}")
         for f in out.glob("*.png"):
             shutil.copy(f, folder / f"crosscheck_{f.name}")
         shutil.copy(out / "summary.csv", folder / "crosscheck_summary.csv")
@@ -223,7 +226,13 @@ def main(argv=None) -> int:
             try:
                 status[(method, what)] = fn(method, s, folder)
             except Exception as exc:  # recorded in the README, the run goes on with the next model
-                status[(method, what)] = f"not made: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                prefix = "crosscheck_" if what == "cross-check" else "calibration"
+                if any(folder.glob(f"{prefix}*.png")) and (method, what) in status and not status[(method, what)].startswith("not made"):
+                    earlier = status[(method, what)].split(" [kept from an earlier run")[0]
+                    status[(method, what)] = f"{earlier} [kept from an earlier run; the last rerun failed: {why}]"
+                else:
+                    status[(method, what)] = f"not made: {why}"
             print(f"{method} {what}: {status[(method, what)]}", flush=True)
     status_file.write_text("".join(f"{m}\t{w}\t{t}\n" for (m, w), t in sorted(status.items())))
     lines = ["# Figures of the model cards", "",
