@@ -305,11 +305,14 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, tit
     return fig
 
 
-def objective_trace(objective: np.ndarray, name: str = "objective"):
+def objective_trace(objective: np.ndarray, name: str = "objective", stage: np.ndarray | None = None):
     """The objective per iteration, and its increments on a log scale.
 
     Decreases (which a correct VB or EM never makes, beyond rounding) are
-    marked in red on the right panel.
+    marked in red on the right panel. ``stage`` (one label per iteration)
+    marks solvers whose objective changes definition between stages (a
+    mixture that adds a component): the stages are separated by dashed lines
+    and a step across a boundary is not a decrease.
     """
     plt = _plt()
     obj = np.asarray(objective, dtype=float)
@@ -317,20 +320,25 @@ def objective_trace(objective: np.ndarray, name: str = "objective"):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.5, 2.8))
     a1.plot(it, obj, marker="o", ms=2.5, lw=1)
     a1.set_xlabel("iteration", fontsize=8)
-    a1.set_ylabel(name, fontsize=8)
+    a1.set_ylabel(_short(name, 40), fontsize=8)
     a1.tick_params(labelsize=7)
     a1.grid(alpha=0.3)
     if obj.size > 1:
         d = np.diff(obj)
+        same = np.ones(d.size, bool) if stage is None else (np.asarray(stage)[1:] == np.asarray(stage)[:-1])
         scale = np.maximum(np.abs(obj[1:]), 1e-300)
         rel = np.abs(d) / scale
-        up = d >= 0
+        up = (d >= 0) & same
+        down = (d < 0) & same
         a2.semilogy(it[1:][up], np.maximum(rel[up], 1e-17), "o", ms=3, color="#1f77b4", label="increase")
-        if (~up).any():
-            a2.semilogy(it[1:][~up], np.maximum(rel[~up], 1e-17), "x", ms=5, color="red", label="decrease")
+        if down.any():
+            a2.semilogy(it[1:][down], np.maximum(rel[down], 1e-17), "x", ms=5, color="red", label="decrease")
         a2.legend(fontsize=7)
+        for ax in (a1, a2):
+            for b in it[1:][~same]:
+                ax.axvline(b - 0.5, color="grey", ls="--", lw=0.8)
     a2.set_xlabel("iteration", fontsize=8)
-    a2.set_ylabel(f"|relative change of the {name}|", fontsize=8)
+    a2.set_ylabel("|relative change|", fontsize=8)
     a2.tick_params(labelsize=7)
     a2.grid(alpha=0.3)
     fig.tight_layout()

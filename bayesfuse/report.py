@@ -375,7 +375,8 @@ def _raters_section(result, mass, random_seed) -> str:
     df = result.raters
     parts = ['<section id="raters"><h2>Raters</h2>']
     raters = result.group("raters")
-    one_d = {v: da.values for v, da in raters.data_vars.items() if da.dims == ("rater",) and np.issubdtype(da.dtype, np.number)}
+    # bars for real-valued estimates; integer ones (e.g. an assigned component) stay in the table
+    one_d = {v: da.values for v, da in raters.data_vars.items() if da.dims == ("rater",) and np.issubdtype(da.dtype, np.floating)}
     draws = rater_draws(result, random_seed) if one_d else None
     intervals = rater_intervals(draws, mass or 0.9)
     if one_d:
@@ -430,15 +431,22 @@ def _optimizer_section(result) -> str:
     pairs = [("objective", name), ("iterations", a.get("iterations", result.n_iter)), ("converged", conv),
              ("stop reason", a.get("stop_reason", "")), ("seconds", a.get("seconds", "-"))]
     obj = result.objective
+    stage = opt["stage"].values if "stage" in opt.dataset else None
     if obj.size:
         pairs.append((f"final {name}", float(obj[-1])))
         d = np.diff(obj)
-        pairs.append(("largest decrease", float(-d.min()) if d.size and d.min() < 0 else 0.0))
+        if stage is not None:
+            # the objective changes definition between stages: only steps within one count
+            d = d[stage[1:] == stage[:-1]]
+        pairs.append(("largest decrease" + (" within a stage" if stage is not None else ""),
+                      float(-d.min()) if d.size and d.min() < 0 else 0.0))
     out = [f'<section id="optimizer"><h2>Solver</h2>{_kv_table(pairs)}']
     if obj.size:
-        fig = figures.objective_trace(obj, name)
+        fig = figures.objective_trace(obj, name, stage)
         out.append(_figure(fig, f"The {_esc(name)} at every iteration (left) and its relative change (right); "
-                                "a VB or EM solver never decreases it beyond rounding (decreases in red).", "objective trace"))
+                                "a VB or EM solver never decreases it beyond rounding (decreases in red)"
+                                + ("; dashed lines separate the solver's stages" if stage is not None else "") + ".",
+                           "objective trace"))
     out.append("</section>")
     return "".join(out)
 

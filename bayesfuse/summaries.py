@@ -197,6 +197,9 @@ def summarize(result, mass: float = DEFAULT_MASS, *, random_seed: Any = 0) -> xr
     elif kind == "gaussian":
         arrays = _gaussian(result, mass, random_seed)
         quantity = f"the consensus probability T[n, k] = F^-1(T~[n])_k under q(T~) (link {_link_name(result)})"
+        note = result.group("variational").attrs.get("note", "")
+        if note:
+            quantity += f"; {note}"
     elif kind == "categorical":
         arrays = categorical_summaries(prob, mass)
         quantity = "the label indicator 1[truth = k] given the point-estimated rater parameters"
