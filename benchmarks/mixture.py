@@ -28,7 +28,7 @@ annotation tools (Amira / ImageJ / crowd).
 Run::
 
     /work/venv/bin/python benchmarks/mixture.py [--shape 180 256 256] [--repeat 3]
-    /work/venv/bin/python benchmarks/mixture.py bubil [--images B01 B02]
+    /work/venv/bin/python benchmarks/mixture.py bubil [--images B01 B02] [--stop-rule joins+elbo]
 """
 
 from __future__ import annotations
@@ -173,13 +173,14 @@ def main_bubil(args) -> None:
     from bayesfuse.datasets import bubil_case, bubil_images
 
     images = args.images or bubil_images()
-    print("| image | M | stop | components: experts/crowd | ARI groups | ARI tools | main component |")
-    print("|---|---:|---|---|---:|---:|---|")
+    print("| image | M | stop | components: experts/crowd | ARI groups | ARI tools | main component | Dice main / gold | Dice vote / gold |")
+    print("|---|---:|---|---|---:|---:|---|---:|---:|")
     counts, aris, tools_ari, pure = [], [], [], 0
+    crowd_with_experts, experts_with_experts, dice_main, dice_vote, twins = [], [], [], [], []
     t0 = time.perf_counter()
     for im in images:
         case = bubil_case(im)
-        res = bayesfuse.fuse(case.raters, "mixture", progress=False)
+        res = bayesfuse.fuse(case.raters, "mixture", progress=False, stop_rule=args.stop_rule)
         names = res.rater_names
         assigned = res.group("raters")["assigned"].values
         group = np.array([case.groups[n] for n in names])
@@ -194,8 +195,25 @@ def main_bubil(args) -> None:
         main = assigned == 0
         kind = "experts only" if np.all(group[main] == "expert") else ("crowd only" if np.all(group[main] == "crowd") else "mixed")
         pure += all(len({g for g in group[assigned == k]}) == 1 for k in range(m))
-        stop = "joins" if "min_joiners" in res.tree["optimizer"].attrs["stop_reason"] else res.tree["optimizer"].attrs["stop_reason"]
-        print(f"| {im} | {m} | {stop} | {' '.join(cells)} | {a_g:.2f} | {a_t:.2f} | {kind} |", flush=True)
+        reason = res.tree["optimizer"].attrs["stop_reason"]
+        stop = "joins" if "min_joiners" in reason else ("elbo" if "ELBO" in reason else reason)
+        # which raters sit in a component whose majority is experts
+        major = {k: np.mean(group[assigned == k] == "expert") > 0.5 for k in range(m)}
+        in_expert = np.array([major[k] for k in assigned])
+        crowd_with_experts.append(np.mean(in_expert[group == "crowd"]))
+        experts_with_experts.append(np.mean(in_expert[group == "expert"]))
+        gold = case.reference.astype(bool)
+        main_map = res.labels.values.astype(bool)
+        vote = case.raters.binary().mean(axis=0) >= 0.5
+        dm = 2 * np.sum(main_map & gold) / (main_map.sum() + gold.sum())
+        dv = 2 * np.sum(vote & gold) / (vote.sum() + gold.sum())
+        dice_main.append(dm)
+        dice_vote.append(dv)
+        masks = case.raters.binary()
+        i, j = names.index("expert/Person2_Amira"), names.index("expert/Person2_ImageJ")
+        if np.array_equal(masks[i], masks[j]):
+            twins.append(assigned[i] == assigned[j])
+        print(f"| {im} | {m} | {stop} | {' '.join(cells)} | {a_g:.2f} | {a_t:.2f} | {kind} | {dm:.3f} | {dv:.3f} |", flush=True)
         counts.append(m)
         aris.append(a_g)
         tools_ari.append(a_t)
@@ -205,6 +223,11 @@ def main_bubil(args) -> None:
     print(f"ARI (components vs expert/crowd): median {np.median(aris):.2f}, mean {np.mean(aris):.2f}, "
           f">= 0.5 on {int(np.sum(np.array(aris) >= 0.5))} images; every component of one group only on {pure} images")
     print(f"ARI (components vs tool Amira/ImageJ/crowd): median {np.median(tools_ari):.2f}, mean {np.mean(tools_ari):.2f}")
+    print(f"share of crowd workers in an expert-majority component: mean {np.mean(crowd_with_experts):.2f}; "
+          f"of experts: mean {np.mean(experts_with_experts):.2f}")
+    print(f"Dice against the gold standard (= expert Person2_Amira's masks): main consensus median {np.median(dice_main):.3f}, "
+          f"majority vote of all 17 raters median {np.median(dice_vote):.3f}")
+    print(f"Person2_Amira and Person2_ImageJ identical on {len(twins)} images, in the same component on {int(np.sum(twins))}")
 
 
 def main() -> None:
@@ -213,6 +236,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[180, 256, 256])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--images", nargs="+", help="BU-BIL images (default: all)")
+    p.add_argument("--stop-rule", default="joins", choices=("joins", "joins+elbo"), help="bubil: the mixture's stop_rule")
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()

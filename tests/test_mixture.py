@@ -295,7 +295,7 @@ def test_raters_around_one_truth_give_one_component(seed):
 def test_objective_never_decreases_within_a_stage(kind, n_clusters):
     _, res = fitted(kind, n_clusters)
     opt = res.tree["optimizer"]
-    obj, stage = opt["objective"].values, opt["stage"].values
+    obj, stage = opt["objective"].values, opt["fit"].values
     assert np.all(np.isfinite(obj))
     boundaries = np.flatnonzero(np.diff(stage) != 0) + 1
     for seg in np.split(np.arange(obj.size), boundaries):
@@ -328,6 +328,23 @@ def test_result_does_not_depend_on_rater_order():
     np.testing.assert_allclose(r1[cols].values, r0[cols].values, atol=1e-8)
     np.testing.assert_allclose(r1["sigma2"].values, r0["sigma2"].values, rtol=1e-8)
     np.testing.assert_allclose(again.group("maps")["components"].values, res.group("maps")["components"].values, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, n_clusters", [("simple", 2), ("clusters", 3)])
+def test_elbo_stop_rule_with_many_raters(kind, n_clusters):
+    """Twelve raters: with the paper's rule alone, raters around one truth
+    split along their shared offsets (card, "Tests and findings"); the
+    variational Bayes-factor test ``stop_rule="joins+elbo"`` keeps one
+    component for one truth and still finds three truths exactly."""
+    ph = make_phantom(kind, ndim=3, n_clusters=n_clusters, n_raters=12, random_seed=0, **CLEAN)
+    res = bayesfuse.fuse(ph.raters, "mixture", stop_rule="joins+elbo", progress=False)
+    truths = n_clusters if kind == "clusters" else 1
+    assert res.tree.attrs["n_components"] == truths
+    assert adjusted_rand_index(res.group("raters")["assigned"].values, ph.membership) == 1.0
+    if kind == "simple":
+        assert "ELBO does not rise" in res.tree["optimizer"].attrs["stop_reason"]
+        paper = bayesfuse.fuse(ph.raters, "mixture", progress=False)
+        assert paper.tree.attrs["n_components"] > 1
 
 
 def test_evidence_is_counted_in_coordinates_not_voxels():

@@ -88,6 +88,13 @@ class Config:
         Initialisations of a new component: ``"paper"`` only the paper's
         residual rule; ``"raters"`` that rule plus one candidate seeded at
         each rater's coordinates (P + 1 small fits; the best ELBO wins).
+    stop_rule : {"joins", "joins+elbo"}
+        ``"joins"``: the paper's rule (a new component is kept when at least
+        ``min_joiners`` raters join it). ``"joins+elbo"``: it must also
+        raise the ELBO, corrected by log M! for the components' labelling,
+        above the previous stage's (a variational Bayes-factor test; with
+        the weak default prior it is conservative for few raters, see the
+        card).
     refine : bool
         After the incremental scheme, fit all components jointly (no
         component frozen).
@@ -106,6 +113,7 @@ class Config:
     min_joiners: int = 2
     join_threshold: float = 0.5
     seeds: str = "raters"
+    stop_rule: str = "joins"
     refine: bool = True
     prior_scale: float = 10.0
     min_variance: float = 1e-6
@@ -115,6 +123,8 @@ class Config:
             raise ConfigError(f"link must be one of sqrt, logit, identity; got {self.link!r}")
         if self.seeds not in ("raters", "paper"):
             raise ConfigError(f"seeds must be 'raters' or 'paper', not {self.seeds!r}")
+        if self.stop_rule not in ("joins", "joins+elbo"):
+            raise ConfigError(f"stop_rule must be 'joins' or 'joins+elbo', not {self.stop_rule!r}")
         if not (isinstance(self.max_components, (int, np.integer)) and self.max_components >= 1):
             raise ConfigError(f"max_components must be an integer >= 1, got {self.max_components!r}")
         if self.n_modes is not None and not (isinstance(self.n_modes, (int, np.integer)) and self.n_modes >= 1):
@@ -440,6 +450,7 @@ class SchemeResult:
     n_modes: int
     trace: list
     stage: list  # per iteration: number of components being fitted (0 for the final joint fit)
+    fit: list  # per iteration: which fit it belongs to (1, 2, ...; the ELBO climbs within each)
     events: list  # human-readable record of added / removed components
     added_at: list  # iteration (1-based) at which each kept component's fit began
     stop_reason: str
@@ -455,7 +466,11 @@ def _modes_for(config: Config, n_added: int, n_coords: int) -> int:
 
 
 def _pad(state: MixState, n_modes: int) -> MixState:
-    """Frozen means keep 0 (with no spread) on modes added after their fit."""
+    """Extend frozen components to new modes: q(w_m) = N((mu_m, 0), s_m I_Q).
+
+    The mean is 0 on a mode added after the component's fit (its map does
+    not change) and q stays isotropic, the form (eq:mix-qw) has.
+    """
     st = state.copy()
     q = st.mu.shape[1]
     if q < n_modes:
@@ -517,7 +532,7 @@ def run_scheme(scores: np.ndarray, config: Config, *, max_iter: int, tol: float,
     floor = config.min_variance * max(spread, 1e-300)
     if j == 0:
         st = MixState(np.ones((p, 1)), np.zeros((1, 0)), np.ones(1), np.ones(1), np.full(p, max(floor, 1e-300)))
-        return SchemeResult(st, 0, [0.0], [1], ["the raters' maps are identical: one component"], [1],
+        return SchemeResult(st, 0, [0.0], [1], [1], ["the raters' maps are identical: one component"], [1],
                             "the raters' maps are identical (no principal mode)", True)
     trace: list[float] = []
     stage: list[int] = []
@@ -531,6 +546,7 @@ def run_scheme(scores: np.ndarray, config: Config, *, max_iter: int, tol: float,
     st, converged = f.state, f.converged
     trace += f.trace
     stage += [1] * len(f.trace)
+    fits = [1] * len(f.trace)
     ids, added_at = [1], [1]
     events.append(f"#1: all {p} raters ({len(f.trace)} iterations)")
     stop = f"max_components={config.max_components} reached"
@@ -555,12 +571,20 @@ def run_scheme(scores: np.ndarray, config: Config, *, max_iter: int, tol: float,
                         f"(best start: {label}; {n_join} joined, largest responsibility {top:.3f})")
                 events.append(f"#{new_id} rejected: {stop}")
                 break
+            # log M! for the M! labellings of a mixture that q(z, w) sees one of
+            gain = (f.trace[-1] + math.lgamma(m_new + 2)) - (trace[-1] + math.lgamma(m_new + 1))
+            if config.stop_rule == "joins+elbo" and not gain > 0:
+                stop = (f"the ELBO does not rise with component #{new_id} ({gain:+.3g} nats with the log M! "
+                        f"correction; best start: {label}, joined by {n_join})")
+                events.append(f"#{new_id} rejected: {stop}")
+                break
             n_added, q = n_added + 1, q_next
             first_r[new_id] = f.first_r
             added_at.append(len(trace) + 1)
             ids.append(new_id)
             trace += f.trace
             stage += [m_new + 1] * len(f.trace)
+            fits += [fits[-1] + 1] * len(f.trace)
             converged = f.converged
             who = ", ".join(names[i] for i in _joiners(f.state.r, m_new, config.join_threshold))
             events.append(f"#{new_id} added (start: {label}; joined by {who}; {len(f.trace)} iterations)")
@@ -576,6 +600,7 @@ def run_scheme(scores: np.ndarray, config: Config, *, max_iter: int, tol: float,
             f = fit_stage(scores, st, np.arange(st.n_components), q, prior_var, floor, max_iter, tol)
             trace += f.trace
             stage += [0] * len(f.trace)
+            fits += [fits[-1] + 1] * len(f.trace)
             converged = f.converged
             st, dropped = _prune(f.state)
             events.append(f"joint fit of {', '.join(f'#{i}' for i in ids)} ({len(f.trace)} iterations)")
@@ -585,7 +610,7 @@ def run_scheme(scores: np.ndarray, config: Config, *, max_iter: int, tol: float,
                 added_at.pop(k)
             if not dropped:
                 break
-    return SchemeResult(st, q, trace, stage, events, added_at, stop, converged, first_r, ids)
+    return SchemeResult(st, q, trace, stage, fits, events, added_at, stop, converged, first_r, ids)
 
 
 # ------------------------------------------------------- streamed passes
@@ -964,6 +989,7 @@ def _build(data, config, method, kd, pc, scheme, st, maps, sigma_vox, roi, secon
     )
     opt = result.tree["optimizer"].to_dataset()
     opt["stage"] = ("iteration", np.asarray(scheme.stage, dtype=np.int64))
+    opt["fit"] = ("iteration", np.asarray(scheme.fit, dtype=np.int64))
     opt.attrs.update(
         n_components=int(m),
         n_modes=int(scheme.n_modes),
