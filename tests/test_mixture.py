@@ -430,6 +430,16 @@ def test_three_classes_give_label_maps_per_component():
     assert (res.labels.values == ph.truth).mean() > 0.95
 
 
+def test_fixed_number_of_modes():
+    """n_modes fixes Q: three truths need two modes (three means span a plane)."""
+    ph = phantom("clusters", 3, 0)
+    two = bayesfuse.fuse(ph.raters, "mixture", n_modes=2, progress=False)
+    assert two.tree["variational"].attrs["n_modes"] == 2
+    assert adjusted_rand_index(two.group("raters")["assigned"].values, ph.membership) == 1.0
+    one = bayesfuse.fuse(ph.raters, "mixture", n_modes=1, progress=False)
+    assert one.tree.attrs["n_components"] < 3
+
+
 def test_bad_options_are_refused():
     ph = phantom("simple", seed=0)
     for opts in ({"min_joiners": 0}, {"join_threshold": 1.5}, {"seeds": "kmeans"}, {"link": "probit"},
@@ -451,9 +461,13 @@ def test_save_writes_the_components_and_the_responsibilities(tmp_path):
     np.testing.assert_allclose(resp.sum(1), 1.0)
     np.testing.assert_array_equal(table["assigned"].values, resp.argmax(1))
     assert {"sigma2", "sigma_0_0", "sigma_1_1"} <= set(table.columns)
-    back = bayesfuse.FusionResult.load(tmp_path) if hasattr(bayesfuse, "FusionResult") else None
-    if back is not None:
-        assert back.tree["optimizer"].attrs["n_components"] == 2
+    from bayesfuse.result import FusionResult
+
+    back = FusionResult.load(tmp_path)
+    opt = back.tree["optimizer"]
+    assert opt.attrs["n_components"] == 2
+    assert "fewer than min_joiners" in opt.attrs["stop_reason"]
+    np.testing.assert_array_equal(opt["fit"].values, res.tree["optimizer"]["fit"].values)
 
 
 # --------------------------------------------------------------------- PyMC

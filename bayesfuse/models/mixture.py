@@ -21,9 +21,10 @@ the choice):
 3. The paper's Gaussian likelihood then runs on the J principal coordinates
    as its "voxels": y_p | z_p = m ~ N((w_m, 0), sigma_p^2 I_J). The
    coordinates beyond Q carry each rater's own deviations, which no
-   consensus can absorb, so sigma_p^2 never collapses on a rater alone in a
-   component; and the evidence for a component sums J coordinates, not N
-   voxels, so responsibilities are not 0/1 from the first iteration.
+   consensus can absorb, so sigma_p^2 does not collapse on a rater alone in
+   a component (while Q < J; a floor guards Q = J); and the evidence for a
+   component sums J coordinates, not N voxels, so responsibilities are not
+   0/1 from the first iteration.
 
 The incremental scheme (variational boosting, the paper's): component 1 is
 fitted alone; then one component at a time is added, the earlier
@@ -32,7 +33,8 @@ paper's rule, plus one candidate seeded at each rater; the candidate whose
 fit reaches the highest ELBO is kept); a rater *joins* the new component when
 its responsibility for it exceeds ``join_threshold``; the scheme stops when
 fewer than ``min_joiners`` raters join (the paper: "no rater is added to the
-newly introduced component"). A final joint fit frees all components.
+newly introduced component"); ``stop_rule="joins+elbo"`` also requires the
+ELBO to rise. A final joint fit frees all components.
 
 Pure update functions (``update_q_w``, ``update_responsibilities``,
 ``update_pi``, ``update_sigma2``, ``elbo``, ``initial_responsibilities``)
@@ -351,7 +353,7 @@ def update_sigma2(r: np.ndarray, dist2: np.ndarray, n_coords: int, floor: float 
 
 
 def elbo(r: np.ndarray, log_rho: np.ndarray, mu: np.ndarray, s: np.ndarray, prior_var: float) -> float:
-    """The evidence lower bound (every term, flat nothing).
+    """The evidence lower bound, every term included.
 
     L = sum_{p,m} r[p,m] (log rho[p,m] - log r[p,m])
         + sum_m [ E_q log N(w_m; 0, omega^2 I) + H(q(w_m)) ],
