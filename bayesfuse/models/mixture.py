@@ -1157,10 +1157,12 @@ def posterior_draws(result: FusionResult, n: int = 1000, region=None, random_see
     for i in range(int(n)):
         d2 = expected_sq_dist(a, tail, draws[i], np.zeros(mu.shape[0]))
         resp[i], _ = update_responsibilities(d2, pi, sigma2, j)
+    # responsibility first: tools that lay every variable out in the
+    # dataset's dim order then keep (rater, component) as the PyMC model has it
     post = xr.Dataset(
         {
-            "w": (("chain", "draw", "component", "mode"), draws[None]),
             "responsibility": (("chain", "draw", "rater", "component"), resp[None]),
+            "w": (("chain", "draw", "component", "mode"), draws[None]),
         },
         coords={"chain": [0], "draw": np.arange(int(n)), "component": var["component"].values,
                 "mode": var["mode"].values, "rater": result.rater_names},
