@@ -20,10 +20,11 @@ data the same way.
     cross-correlation; the gold standard is never used for alignment), and
     reads pixels outside the crop as background.
 
-    The data set's ``GoldStandard`` masks are identical to expert
-    ``Person2_Amira``'s masks on all 35 images (Dice >= 0.999, checked with
-    this module): scoring a fusion that includes that expert against the gold
-    standard rewards agreeing with one rater. Use
+    The data set's ``GoldStandard`` masks are identical to expert Person2's
+    masks, drawn with either tool (``Person2_Amira`` and ``Person2_ImageJ``
+    are the same masks), on all 35 images (Dice >= 0.999, checked with this
+    module): scoring a fusion that includes Person2 against the gold standard
+    rewards agreeing with one rater. Use
     ``bubil_case(..., exclude_gold_rater=True)`` when the gold standard is
     the reference.
 """
@@ -139,8 +140,9 @@ def align_crop(crop: np.ndarray, target: np.ndarray) -> tuple[int, int]:
     return int(i), int(j)
 
 
-#: The expert whose masks the BU-BIL gold standard reproduces exactly.
-BUBIL_GOLD_RATER = "Person2_Amira"
+#: The expert folders whose masks the BU-BIL gold standard reproduces exactly
+#: (one person, two annotation tools, identical masks).
+BUBIL_GOLD_RATERS = ("Person2_Amira", "Person2_ImageJ")
 
 
 def bubil_case(image_id: str, raters: str = "all", root=None, exclude_gold_rater: bool = False) -> Case:
@@ -154,7 +156,7 @@ def bubil_case(image_id: str, raters: str = "all", root=None, exclude_gold_rater
         Which raters to return; groups are in ``Case.groups``.
     exclude_gold_rater : bool
         Leave out the expert whose masks are the gold standard
-        (:data:`BUBIL_GOLD_RATER`), so that the gold standard is a reference
+        (:data:`BUBIL_GOLD_RATERS`), so that the gold standard is a reference
         no fused rater equals.
     """
     from PIL import Image
@@ -169,7 +171,7 @@ def bubil_case(image_id: str, raters: str = "all", root=None, exclude_gold_rater
     experts, expert_names = [], []
     for folder in sorted((d / "ExpertsAnnotations").iterdir()):
         f = _find_case_insensitive(folder, fname)
-        if f is not None and not (exclude_gold_rater and folder.name == BUBIL_GOLD_RATER):
+        if f is not None and not (exclude_gold_rater and folder.name in BUBIL_GOLD_RATERS):
             experts.append(_bubil_mask(f))
             expert_names.append(f"expert/{folder.name}")
     crowd, crowd_names = [], []
