@@ -89,6 +89,9 @@ def run(args) -> int:
         it = f", {result.n_iter} iterations" if result.n_iter else ""
         conv = "" if result.converged is None else (", converged" if result.converged else ", NOT converged (raise --max-iter?)")
         print(f"{args.method}: {data.n_raters} raters, {'x'.join(map(str, data.shape))} voxels{it}{conv}, {dt:.1f} s")
+        reason = result.tree["optimizer"].attrs.get("stop_reason", "") if "optimizer" in result.tree.children else ""
+        if reason:
+            print(f"  stopped: {reason}")
         for w in written:
             print(f"  wrote {w}")
     return 0
