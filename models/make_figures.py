@@ -209,11 +209,14 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown method(s) {unknown}; see `bayesfuse models`")
     status_file = FIGURES / "status.tsv"
-    status = {}
+    status, when = {}, {}
     if status_file.is_file():
         for line in status_file.read_text().splitlines():
-            method, what, text = line.split("\t", 2)
+            parts = line.split("\t")
+            method, what, text = parts[0], parts[1], parts[-1]
             status[(method, what)] = text
+            when[(method, what)] = parts[2] if len(parts) == 4 else "?"
+    today = f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M}"
     for method in methods:
         s = SETTINGS.get(method, Setting())
         folder = FIGURES / method
@@ -233,13 +236,15 @@ def main(argv=None) -> int:
                     status[(method, what)] = f"{earlier} [kept from an earlier run; the last rerun failed: {why}]"
                 else:
                     status[(method, what)] = f"not made: {why}"
+            when[(method, what)] = today
             print(f"{method} {what}: {status[(method, what)]}", flush=True)
-    status_file.write_text("".join(f"{m}\t{w}\t{t}\n" for (m, w), t in sorted(status.items())))
+    status_file.write_text("".join(f"{m}\t{w}\t{when[(m, w)]}\t{t}\n" for (m, w), t in sorted(status.items())))
     lines = ["# Figures of the model cards", "",
              "Made by `python models/make_figures.py` (see its docstring); do not edit by hand.", "",
-             f"Last run: {_provenance()}. Timings printed in the verdicts come from a shared, busy machine.", "",
-             "| method | what | result |", "|---|---|---|"]
-    lines += [f"| `{m}` | {w} | {t} |" for (m, w), t in sorted(status.items())]
+             f"Last run ({', '.join(methods)}): {_provenance()}. Timings printed in the verdicts come from a "
+             "shared, busy machine.", "",
+             "| method | what | made | result |", "|---|---|---|---|"]
+    lines += [f"| `{m}` | {w} | {when[(m, w)]} | {t} |" for (m, w), t in sorted(status.items())]
     (FIGURES / "README.md").write_text("\n".join(lines) + "\n")
     return 0
 
