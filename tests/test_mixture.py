@@ -27,7 +27,9 @@ CARD = Path(__file__).resolve().parents[1] / "models" / "mixture.md"
 #: 0.3 mm and offsets within +-0.25 mm. With the default +-1.5 mm offsets the
 #: raters sharing an offset form groups as large as the truths' differences
 #: (see the card, "Tests and findings").
-CLEAN = {"max_offset_mm": 0.25, "noise_mm": 0.3}
+# Clean raters, and the lobe size these tests were calibrated on (the 3-D
+# default before it grew to 1.1 x the equivalent radius).
+CLEAN = {"max_offset_mm": 0.25, "noise_mm": 0.3, "lobe_radius_mm": 7.5}
 
 
 # ------------------------------------------------------------------ helpers
@@ -550,3 +552,14 @@ def test_nuts_agrees_with_vb():
     resp_n = post["responsibility"].mean(("chain", "draw")).values
     resp_q = res.group("raters")["responsibility"].values
     assert np.max(np.abs(resp_n - resp_q)) < 0.05
+
+
+@pytest.mark.parametrize("n_clusters", [2, 3])
+def test_default_clusters_phantom_is_recovered(n_clusters):
+    """The "clusters" phantom exists to show the mixture: with its default
+    rater offsets and noise, the truths differ enough (3-D lobe of 1.1 x the
+    equivalent radius) for the clusters to be found exactly."""
+    ph = make_phantom("clusters", ndim=3, n_clusters=n_clusters, n_raters=3 * n_clusters, random_seed=1)
+    res = bayesfuse.fuse(ph.raters, "mixture", progress=False)
+    assert res.tree.attrs["n_components"] == n_clusters
+    assert adjusted_rand_index(res.group("raters")["assigned"].values, ph.membership) == 1.0
