@@ -7,6 +7,9 @@ term with dense arrays) in their block with every other block held.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import optimize, special
@@ -392,3 +395,13 @@ def test_identical_raters_do_not_give_nan():
     res = R.fit(data, R.Config(basis_spacing=3.0), progress=False, max_iter=30)
     assert np.all(np.isfinite(res.objective))
     np.testing.assert_allclose(res.consensus.values, m, atol=0.02)
+
+
+def test_card_labels_and_citations_match():
+    root = Path(__file__).resolve().parents[1]
+    card = (root / "models" / "robust_t.md").read_text()
+    labels = set(re.findall(r"\(eq:(rt-[A-Za-z-]+)\)", card))
+    src = "".join((root / "bayesfuse" / f).read_text() for f in ("models/robust_t.py", "gaussian.py", "spatial.py"))
+    cited = set(re.findall(r"models/robust_t\.md \(eq:(rt-[A-Za-z-]+)\)", src))
+    assert cited <= labels, f"cited but not in the card: {sorted(cited - labels)}"
+    assert labels <= cited, f"in the card but cited by no docstring: {sorted(labels - cited)}"

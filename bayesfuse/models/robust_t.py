@@ -1144,6 +1144,7 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         maps["tau"] = (("rater",) + sdims, tau)
         raters["nu"] = ("rater", st.nu)
         raters["mean_tau"] = ("rater", sw / n_obs)
+        raters["mean_tau_contested"] = ("rater", _contested_tau(kd, st, prob))
         variational["tau_shape"] = ("rater", st.a_tau)
         variational["tau_mean"] = (("rater",) + sdims, tau)
         variational["nu"] = ("rater", st.nu)
@@ -1188,6 +1189,26 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         iteration_cpu_seconds=("iteration", np.asarray(st.cpu_seconds, dtype=float)),
     ))
     return result
+
+
+def _contested_tau(kd: G.KernelData, st: VBState, prob: Problem, tol: float = 1e-3, chunk: int = 1 << 20) -> np.ndarray:
+    """Mean E[tau] per rater over the contested voxels: those where the raters' maps differ by more than ``tol``.
+
+    Where every rater gives the same map (most of the background of binary
+    masks) tau^ is high for all; this summary compares raters where it matters.
+    """
+    P, N = kd.n_raters, kd.n_voxels
+    total = np.zeros(P)
+    count = 0
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        x = kd.X[:, s:e]
+        contested = (x.max(axis=0) - x.min(axis=0)).max(axis=-1) > tol
+        if prob.obs.size:
+            contested &= prob.obs[s:e].astype(bool)
+        total += st.tau[:, s:e].sum(axis=1, where=contested[None], dtype=np.float64)
+        count += int(contested.sum())
+    return total / count if count else np.full(P, np.nan)
 
 
 def _consensus_sd(mu: np.ndarray, S: np.ndarray, space: G.LinkSpace, n_nodes: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -1455,6 +1476,10 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         Free variables ``T`` (x, y[, z], class), ``b`` (rater, class),
         ``tau`` (rater, x, y[, z]), ``W`` (class, basis_x, basis_y[, basis_z]);
         the observed link coordinates ``D_obs``.
+
+    References
+    ----------
+    models/robust_t.md (eq:rt-model)
     """
     import pymc as pm
     import pytensor.tensor as pt
