@@ -51,3 +51,30 @@ def test_staple_label_posterior_is_calibrated_on_its_own_story():
     assert (df["calibration_error"] < 0.03).all()
     md = calibration.markdown(calibration.summary_table([df]))
     assert md.count("\n") == 2 and "| staple | EM | 0.9 | 2 |" in md
+
+
+def _nuts_coverage(method, n_reps, seed):
+    if method not in REGISTRY:
+        pytest.skip(f"{method} has not landed")
+    if not hasattr(REGISTRY[method].load(), "build_model"):
+        pytest.skip(f"{method} has no PyMC form yet")
+    return calibration.calibrate_nuts(method, n_reps=n_reps, shape=(8, 8, 4), n_raters=5,
+                                      options={"link": "logit"}, random_seed=seed, pin="truth")
+
+
+@pytest.mark.nuts
+def test_nuts_coverage_of_the_gaussian_model_is_near_nominal():
+    """Truth drawn from the model's story, hyperparameters pinned at the drawn
+    values: an exact posterior covers 90 % of the truths on average. 256
+    spatially correlated voxels per case, so one case's coverage varies by a
+    few points; the mean of two cases must lie within 0.06 of 0.9."""
+    df = _nuts_coverage("gaussian", 2, 0)
+    assert (df["voxels"] == 256).all()
+    assert abs(df["coverage"].mean() - 0.9) < 0.06, df[["rep", "coverage"]]
+
+
+@pytest.mark.nuts
+@pytest.mark.slow
+def test_nuts_coverage_of_robust_t_is_near_nominal():
+    df = _nuts_coverage("robust-t", 4, 0)
+    assert abs(df["coverage"].mean() - 0.9) < 0.05, df[["rep", "coverage"]]
