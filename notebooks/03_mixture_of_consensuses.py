@@ -254,16 +254,15 @@ assert {tuple(np.flatnonzero(assigned == m)) for m in range(N_SCHOOLS)} == \
 assert np.all(dice.max(axis=1) > 0.95)
 
 # %% [markdown]
-# ## 5. When one consensus is right, and when schools cannot be told apart
+# ## 5. When one consensus is right, and how sure the scheme is
 #
-# With one truth the scheme should stop at one component. And schools are
-# only visible when they differ more than the raters within a school do:
-# with the phantoms' default rater noise (offsets up to 1.5 mm, boundary
-# noise about 1 mm), raters sharing an offset form groups as large as the
-# schools' differences. The scheme's stopping rule matters too: the default
-# (`stop_rule="joins"`) adds a component when at least two raters join it;
-# `"joins+elbo"` also asks the ELBO to prefer the larger model (a
-# variational Bayes factor). Six settings, several phantoms each:
+# With one truth the scheme should stop at one component, and schools are
+# only visible when they differ more than the raters within a school do.
+# The scheme's stopping rule matters too: the default (`stop_rule="joins"`)
+# adds a component when at least two raters join it; `"joins+elbo"` also
+# asks the ELBO to prefer the larger model (a variational Bayes factor).
+# Six settings (the phantoms' default raters have offsets up to 1.5 mm and
+# about 1 mm of boundary noise; the "clean" ones 0.25 mm and 0.3 mm):
 
 # %%
 settings = (("one truth, 6 clean raters", "simple", 6, CLEAN, "joins"),
@@ -299,21 +298,24 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# What we saw when we ran this with six phantoms per setting (the small
+# settings run one):
+#
 # - One truth and six raters: one component, as it should be.
-# - One truth and nine raters: sometimes a second component, made of the
-#   raters with the most negative offsets (they draw the object smaller,
-#   systematically). With offsets spread evenly over +-0.25 mm that is a
-#   cut through a continuum, not a school; with more raters at one end of
-#   it, two of them suffice to "join" a new component (`min_joiners=2`).
-# - Three clean schools are found every time by the default rule.
-# - `stop_rule="joins+elbo"` removes the spurious split of one truth, but
-#   when we ran it, it also stopped at two components for the three clean
-#   schools (two schools merged): the ELBO of this model is a conservative
-#   judge. Neither rule is right everywhere; `min_joiners` and
-#   `join_threshold` say how large and how clear a school must be.
-# - With the default, noisier raters the schools blur into the raters' own
-#   groups and the scheme finds fewer (or other) components: clustering
-#   raters needs schools that differ more than the raters within them.
+# - One truth and nine raters: the default rule kept a second component on
+#   two phantoms of six, made of the raters with the most negative offsets
+#   (they draw the object smaller, systematically). With offsets spread
+#   evenly over +-0.25 mm that is a cut through a continuum, not a school;
+#   with more raters, two of them at one end suffice to "join" a component
+#   (`min_joiners=2`). `"joins+elbo"` kept one component on all six.
+# - Three schools: found by the default rule every time, clean raters or
+#   not (the phantom's schools differ by lobes larger than the raters'
+#   offsets). `"joins+elbo"` found them too, except once with the default
+#   raters, where it merged two schools: the ELBO is a conservative judge.
+# - So neither rule is right everywhere. `min_joiners`, `join_threshold`
+#   and `stop_rule` say how large and how clear a school must be before the
+#   scheme believes in it; raters closer than their own spread cannot be
+#   told apart by any rule.
 
 # %% [markdown]
 # ## What to take away
