@@ -108,10 +108,10 @@ flat = lambda da: da.values.reshape(-1, da.shape[-1])  # (draws, rater)
 z = (flat(q_sens).mean(0) - flat(nuts_sens).mean(0)) / flat(nuts_sens).std(0, ddof=1)
 ratio = flat(q_sens).std(0, ddof=1) / flat(nuts_sens).std(0, ddof=1)
 print("z by hand:       ", z.round(3))
-print("z (harness):     ", check.stats["sensitivity"]["z"].values.round(3))
+print("z (harness):     ", check.stats["sensitivity"]["zscore"].values.round(3))
 print("sd ratio by hand:", ratio.round(3))
 print("(a sensitivity that EM puts at 1 has a point q there: sd ratio 0; the criteria compare interior elements)")
-np.testing.assert_allclose(z, check.stats["sensitivity"]["z"].values, rtol=1e-10, atol=1e-12)
+np.testing.assert_allclose(z, check.stats["sensitivity"]["zscore"].values, rtol=1e-10, atol=1e-12)
 np.testing.assert_allclose(ratio, check.stats["sensitivity"]["sd_ratio"].values, rtol=1e-10)
 print(check.summary[["variable", "compared", "z_abs_max", "sd_ratio_median", "coverage_mean", "khat", "passed"]])
 
@@ -133,11 +133,11 @@ shifted = q_sens + xr.DataArray(2 * sd_n, dims="rater", coords={"rater": q_sens[
 narrow = q_sens.mean(("chain", "draw")) + 0.5 * (q_sens - q_sens.mean(("chain", "draw")))
 for label, q_bad in (("correct q", q_sens), ("shifted by 2 sd", shifted), ("half the spread", narrow)):
     st = crosscheck_stats.element_stats(q_bad, nuts_sens)
-    print(f"{label:<16} max |z| {float(np.abs(st['z']).max()):.2f}, median sd ratio "
+    print(f"{label:<16} max |z| {float(np.abs(st['zscore']).max()):.2f}, median sd ratio "
           f"{float(st['sd_ratio'].median()):.2f}, coverage of q's 90% interval {float(st['coverage'].mean()):.2f}")
 rule = next(r for r in check.criteria.rules if r.variable == "sensitivity")
 print("criterion:", rule.describe())
-assert float(np.abs(crosscheck_stats.element_stats(shifted, nuts_sens)["z"]).min()) > rule.within_sd
+assert float(np.abs(crosscheck_stats.element_stats(shifted, nuts_sens)["zscore"]).min()) > rule.within_sd
 assert float(crosscheck_stats.element_stats(narrow, nuts_sens)["sd_ratio"].median()) < rule.sd_ratio[0]
 
 # %% [markdown]
@@ -197,6 +197,15 @@ sbc = crosscheck_sbc.run("staple", n_sims=SBC_SIMS, shape=SBC_SHAPE, n_raters=N_
 print(sbc.verdict())
 sbc.figure()
 plt.show()
+
+# %% [markdown]
+# Read the verdict with the number of simulations in mind. When we ran this
+# notebook, 40 simulations (small settings) did not reject uniformity, and
+# 200 (full settings, 16 x 16 x 12 voxels) did: about 12 % of the PITs fell
+# in the outer 10 %, evenly on both sides, so STAPLE's Laplace $q$ is a
+# little too narrow on such small cases, where a sensitivity's posterior
+# is not yet Gaussian. The cross-check of section 1 passed on its one data
+# set; SBC, averaging over the prior, has the power to see it.
 
 # %% [markdown]
 # ## 3. What mean-field misses
