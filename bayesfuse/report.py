@@ -89,7 +89,8 @@ def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
     c = f' class="{cls}"' if cls else ""
-    return f"<table{c}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # wide tables (many per-rater columns) scroll inside the page instead of overflowing it
+    return f'<div class="scroll"><table{c}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _kv_table(pairs: list[tuple[str, Any]], cls: str = "kv") -> str:
@@ -383,7 +384,7 @@ def _raters_section(result, mass, random_seed) -> str:
         fig = figures.rater_bars(names, one_d, intervals, mass=mass or 0.9)
         cap = "Per-rater estimates" + (
             f"; error bars: central {100 * (mass or 0.9):g}% intervals from the model's posterior draws" if intervals else
-            "; point estimates (the model gives no posterior for them)")
+            "; no interval: the model's posterior draws hold none of these quantities")
         parts.append(_figure(fig, cap + ".", "rater performance"))
     if draws is not None:
         approx = draws["posterior"].attrs.get("approximation", "")
@@ -492,6 +493,7 @@ thead th {{ background: #f0f0f0; }}
 table.kv th {{ background: #f7f7f7; font-weight: 600; }}
 table.raters td, table.versions td {{ font-variant-numeric: tabular-nums; }}
 figure {{ margin: 1em 0; }}
+div.scroll {{ overflow-x: auto; max-width: 100%; }}
 figure img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
 figcaption {{ font-size: .85em; color: #444; max-width: 60em; }}
 pre {{ background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: .85em; white-space: pre-wrap; }}
