@@ -418,7 +418,7 @@ def write_staged(out_dir, names, force: bool, fill) -> list[Path]:
 # ------------------------------------------------------------ comparison
 def _where_mask(rule, stats: xr.Dataset, masks: dict[str, np.ndarray]) -> np.ndarray:
     """Boolean mask over the elements that the rule's share is taken over."""
-    shape = stats["z"].shape
+    shape = stats["zscore"].shape
     if rule.where == "contested" and "contested" in masks:
         m = masks["contested"]
         return np.broadcast_to(m.reshape(m.shape + (1,) * (len(shape) - m.ndim)), shape)
@@ -430,7 +430,7 @@ def _where_mask(rule, stats: xr.Dataset, masks: dict[str, np.ndarray]) -> np.nda
 
 def summary_row(rule, stats: xr.Dataset, mask: np.ndarray, health: Health, khat: float) -> dict:
     """One row of ``summary.csv`` for a compared variable."""
-    z = np.abs(stats["z"].values)
+    z = np.abs(stats["zscore"].values)
     ratio = stats["sd_ratio"].values
     sel = mask & np.isfinite(ratio) if mask.any() else mask
     share = share_within(z, rule.within_sd, mask)
@@ -559,7 +559,20 @@ def run(
 
     # k-hat of q on its block (the rest held at the point estimate)
     khat, khat_label, block_vars = float("nan"), "", set()
+    block_khat: dict[str, float] = {}
     point = None
+    if crit.family == "vb" and q_tree is not None:
+        from .crosscheck_models import q_means, robust_t_blocks
+
+        fixed_value = _value_point(model, q_means(result, q_tree["posterior"].to_dataset(), model))
+        blocks = robust_t_blocks(result, model, fixed_value, min(n_total, 1000), random_seed)
+        for blk in blocks:
+            k = khat_of_block(model, (blk.values, blk.log_q, blk.label), fixed_value)
+            block_khat[blk.variable] = max(block_khat.get(blk.variable, -np.inf), k)
+        if block_khat:
+            khat = max(block_khat.values())
+            khat_label = "largest over blocks: " + ", ".join(f"{v} {k:.2f}" for v, k in block_khat.items()) + \
+                " (each block against the posterior with the rest at q's means)"
     if crit.family == "em":
         point = point_estimate(method, result, model)
         block = q_block(method, result, model, n_total, random_seed)
@@ -589,7 +602,7 @@ def run(
             else:
                 q_da = _point_draws(result, rule.variable, nuts_da, n_total)
             st = element_stats(q_da, nuts_da, mass)
-            row_khat = khat if rule.variable in block_vars else float("nan")
+            row_khat = khat if rule.variable in block_vars else block_khat.get(rule.variable, float("nan"))
         stats[rule.variable] = st
         rows.append(summary_row(rule, st, _where_mask(rule, st, masks), health, row_khat))
     mode = None

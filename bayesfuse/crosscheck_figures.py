@@ -18,14 +18,14 @@ def _spatial_stats(check) -> tuple[str, object] | None:
     """The first compared variable with spatial dims (the consensus or T~)."""
     sdims = set(check.result.spatial_dims)
     for name, st in check.stats.items():
-        if sdims <= set(st["z"].dims):
+        if sdims <= set(st["zscore"].dims):
             return name, st
     return None
 
 
 def _elements(st, k: int) -> list[tuple[int, ...]]:
     """Indices of the k elements to draw: the largest |z| first, then spread."""
-    z = np.abs(np.nan_to_num(st["z"].values, posinf=1e9))
+    z = np.abs(np.nan_to_num(st["zscore"].values, posinf=1e9))
     order = np.argsort(-z, axis=None)
     pick = list(order[: max(1, k // 2)]) + list(order[:: max(1, order.size // max(1, k - k // 2))][: k - k // 2])
     seen, out = set(), []
@@ -82,8 +82,8 @@ def marginals(check):
                 ax.hist(qd.values[(slice(None),) + e], bins=40, density=True, histtype="step", color="C0", lw=1.4, label="solver q")
             else:
                 ax.axvline(float(st["mean_q"].values[e]), color="C0", lw=1.6, label="solver point")
-            coords = ",".join(str(st[d].values[j]) if d in st.coords else str(j) for d, j in zip(st["z"].dims, e))
-            ax.set_title(f"{name}[{coords}]\nz={float(st['z'].values[e]):.2f} sd ratio={float(st['sd_ratio'].values[e]):.2f}", fontsize=7)
+            coords = ",".join(str(st[d].values[j]) if d in st.coords else str(j) for d, j in zip(st["zscore"].dims, e))
+            ax.set_title(f"{name}[{coords}]\nz={float(st['zscore'].values[e]):.2f} sd ratio={float(st['sd_ratio'].values[e]):.2f}", fontsize=7)
             ax.tick_params(labelsize=6)
             ax.set_yticks([])
             if c == 0:
@@ -124,7 +124,7 @@ def spatial_map(check, which: str):
         return fig
     name, st = found
     if which == "z":
-        z = _volume(st, "z", sdims)
+        z = _volume(st, "zscore", sdims)
         rows = [Row(f"{name}: z = (solver - NUTS) / sd_NUTS", np.clip(np.nan_to_num(z, posinf=5, neginf=-5), -3, 3),
                     cmap="RdBu_r", vmin=-3, vmax=3, colorbar="z (clipped to +-3)"),
                 Row("solver mean", _volume(st, "mean_q", sdims), cmap="viridis"),

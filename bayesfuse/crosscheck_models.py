@@ -157,6 +157,13 @@ CRITERIA: dict[str, Criteria] = {
     "pstaple": Criteria("em", (Rule("theta", share=None), _CONSENSUS_EM), mode=True, downsample="mean",
                         reason=_EM_REASON + " PSTAPLE stores no posterior of theta (a point estimate): its z "
                         "against NUTS is reported, not required. MRF off only (no PyMC form with it)."),
+    "robust-t": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"), Rule("b", share=None),
+                                Rule("tau", share=None), Rule("W", share=None)), khat_max=0.7, downsample="mean",
+                         reason="provisional"),
+    "gaussian": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"), Rule("b", share=None),
+                                Rule("W", share=None)), khat_max=0.7, downsample="mean", reason="provisional"),
+    "continuous-staple": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),), khat_max=0.7,
+                                  downsample="mean", reason="provisional"),
 }
 
 
@@ -322,3 +329,99 @@ def q_block(method: str, result, model, n: int, random_seed) -> tuple[dict[str, 
     values = {names["sensitivity"]: eta[:, :p], names["specificity"]: eta[:, p:]}
     label = f"Laplace q of {int(inside.sum())} parameters" + (f" ({int((~inside).sum())} at the boundary held fixed)" if (~inside).any() else "")
     return values, mvn.logpdf(eta[:, inside]).reshape(n), label
+
+
+# ---------------------------------------------------------------- VB family
+@dataclass
+class Block:
+    """Draws of one small block of latent variables from q, on the PyMC value scale.
+
+    ``values`` maps value-variable names to (n, ...) arrays of the whole
+    variable, equal to the fixed point outside the block; ``log_q`` (n,) is
+    q's log density of the block on the value scale.
+    """
+
+    variable: str
+    label: str
+    values: dict
+    log_q: np.ndarray
+
+
+def _gauss_draws(mean: np.ndarray, cov: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """n draws of N(mean, cov) and their log densities."""
+    from scipy.stats import multivariate_normal
+
+    mvn = multivariate_normal(mean, cov)
+    x = np.asarray(mvn.rvs(size=n, random_state=rng)).reshape(n, -1)
+    return x, np.asarray(mvn.logpdf(x)).reshape(n)
+
+
+def robust_t_blocks(result, model, fixed_point: dict, n: int, random_seed, n_voxels: int = 6) -> list[Block]:
+    """q's blocks of the robust-t family for the k-hat: T at single voxels, tau
+    at the same voxels (all raters), and b (all raters jointly).
+
+    The rest is held at q's means (``fixed_point``, value scale). The voxels
+    are those where q(T) is widest, the hardest for a Gaussian q, and some
+    spread over the rest of the volume.
+    """
+    from scipy.stats import gamma
+
+    rng = np.random.default_rng(random_seed)
+    var = result.group("variational")
+    sdims = result.spatial_dims
+    names = {rv.name: model.rvs_to_values[rv].name for rv in model.free_RVs}
+    blocks: list[Block] = []
+    S = var["S_T"].transpose(*sdims, "class", "class2").values.astype(float)
+    mu = var["mu_T"].transpose(*sdims, "class").values.astype(float)
+    shape = mu.shape[:-1]
+    width = np.trace(S, axis1=-2, axis2=-1).ravel()
+    order = np.argsort(-width)
+    picks = list(order[: n_voxels // 2]) + list(order[:: max(1, order.size // max(1, n_voxels - n_voxels // 2))][: n_voxels - n_voxels // 2])
+    picks = list(dict.fromkeys(int(i) for i in picks))
+    for flat in picks:
+        idx = np.unravel_index(flat, shape)
+        if "T" in names:
+            x, lq = _gauss_draws(mu[idx], S[idx], n, rng)
+            vals = np.broadcast_to(fixed_point[names["T"]], (n,) + fixed_point[names["T"]].shape).copy()
+            vals[(slice(None),) + idx] = x
+            blocks.append(Block("T", f"T{list(map(int, idx))}", {names["T"]: vals}, lq))
+        if "tau" in names and "tau_shape" in var:
+            a = var["tau_shape"].values.astype(float)
+            m = var["tau_mean"].transpose("rater", *sdims).values.astype(float)[(slice(None),) + idx]
+            t = rng.gamma(a, m / a, size=(n, a.size))
+            lq = (gamma.logpdf(t, a, scale=m / a) + np.log(t)).sum(axis=1)  # density of log tau
+            key = names["tau"]
+            vals = np.broadcast_to(fixed_point[key], (n,) + fixed_point[key].shape).copy()
+            vals[(slice(None), slice(None)) + idx] = np.log(t)
+            blocks.append(Block("tau", f"tau[:, {list(map(int, idx))}]", {key: vals}, lq))
+    if "b" in names and "S_b" in var:
+        mb, Sb = var["mu_b"].values.astype(float), var["S_b"].values.astype(float)
+        draws, lq = [], np.zeros(n)
+        for p in range(mb.shape[0]):
+            x, l = _gauss_draws(mb[p], Sb[p], n, rng)
+            draws.append(x)
+            lq += l
+        blocks.append(Block("b", "b (all raters)", {names["b"]: np.stack(draws, axis=1)}, lq))
+    return blocks
+
+
+def q_means(result, q_post: xr.Dataset, model) -> dict[str, np.ndarray]:
+    """q's means of the PyMC model's free variables (natural scale), by name:
+    from the result where it stores them (robust-t's mu_T, mu_b, tau_mean), else
+    the mean of q's draws."""
+    var = result.group("variational")
+    sdims = result.spatial_dims
+    out = {}
+    for rv in model.free_RVs:
+        name = rv.name
+        if name == "T" and "mu_T" in var:
+            out[name] = var["mu_T"].transpose(*sdims, "class").values.astype(float)
+        elif name == "b" and "mu_b" in var:
+            out[name] = var["mu_b"].values.astype(float)
+        elif name == "tau" and "tau_mean" in var:
+            out[name] = var["tau_mean"].transpose("rater", *sdims).values.astype(float)
+        elif name in q_post:
+            out[name] = q_post[name].mean(("chain", "draw")).values.astype(float)
+        else:
+            raise KeyError(f"no q mean of the PyMC variable {name!r}")
+    return out

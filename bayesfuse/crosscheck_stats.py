@@ -20,7 +20,7 @@ RHAT_MAX = 1.01
 ESS_MIN = 400
 
 #: Names of the per-element statistics (variables of the ``/stats/<var>`` groups).
-ELEMENT_STATS = ("mean_q", "sd_q", "mean_nuts", "sd_nuts", "z", "sd_ratio", "coverage", "wasserstein")
+ELEMENT_STATS = ("mean_q", "sd_q", "mean_nuts", "sd_nuts", "zscore", "sd_ratio", "coverage", "wasserstein")
 
 SAMPLE_DIMS = ("chain", "draw")
 
@@ -129,7 +129,7 @@ def element_stats(q: xr.DataArray, nuts: xr.DataArray, mass: float = 0.9) -> xr.
     Both arrays have dims ``(chain, draw, *dims)`` with the same ``dims``;
     the result has ``dims`` and the variables of :data:`ELEMENT_STATS`:
 
-    - ``z`` = (mean_q - mean_nuts) / sd_nuts;
+    - ``zscore`` = (mean_q - mean_nuts) / sd_nuts;
     - ``sd_ratio`` = sd_q / sd_nuts (1: same spread; < 1: q overconfident);
     - ``coverage``: share of the NUTS draws inside q's central ``mass``
       interval (``mass`` when q is right; less when q is too narrow or off);
@@ -158,7 +158,7 @@ def element_stats(q: xr.DataArray, nuts: xr.DataArray, mass: float = 0.9) -> xr.
     shape = ns.shape[1:]
     values = {
         "mean_q": mq, "sd_q": sq, "mean_nuts": mn, "sd_nuts": sn,
-        "z": _safe_ratio(mq - mn, sn, same),
+        "zscore": _safe_ratio(mq - mn, sn, same),
         "sd_ratio": _safe_ratio(sq, sn, sq == 0),
         "coverage": cover,
         "wasserstein": _safe_ratio(w1, sn, w1 == 0),
@@ -191,7 +191,7 @@ def bernoulli_stats(w_q: np.ndarray, w_nuts: np.ndarray, dims: tuple[str, ...], 
     same = np.abs(diff) <= 1e-12
     values = {
         "mean_q": wq, "sd_q": sq, "mean_nuts": wn, "sd_nuts": sn,
-        "z": _safe_ratio(diff, sn, same),
+        "zscore": _safe_ratio(diff, sn, same),
         "sd_ratio": _safe_ratio(sq, sn, sq == 0),
         "coverage": cover,
         "wasserstein": _safe_ratio(np.abs(diff), sn, same),

@@ -36,7 +36,7 @@ def row(cc) -> dict:
     """One table row from a :class:`bayesfuse.crosscheck.CrossCheck`."""
     s = cc.summary.set_index("variable")
     sdims = set(cc.result.spatial_dims)
-    voxel = next((n for n, st in cc.stats.items() if sdims <= set(st["z"].dims)), None)
+    voxel = next((n for n, st in cc.stats.items() if sdims <= set(st["zscore"].dims)), None)
     params = [n for n in cc.stats if n != voxel]
     within = "-"
     vox_ratio = float("nan")

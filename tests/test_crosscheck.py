@@ -145,7 +145,7 @@ def test_outputs(outlier, tmp_path):
     assert tree["nuts/posterior"]["sensitivity"].sizes == {"chain": 4, "draw": 1000, "rater": 5}
     assert tree["solver/posterior"]["sensitivity"].sizes["draw"] == 4000
     assert "consensus" in tree["solver"].children and tree.attrs["passed"] == 1
-    np.testing.assert_allclose(tree["stats/consensus"]["z"].values, cc.stats["consensus"]["z"].values)
+    np.testing.assert_allclose(tree["stats/consensus"]["zscore"].values, cc.stats["consensus"]["zscore"].values)
     from PIL import Image
 
     for name in ("marginals.png", "zscore_map.png", "sd_ratio_map.png"):

@@ -26,7 +26,7 @@ def test_element_stats_measure_shift_spread_and_coverage():
     # q: right, shifted by 0.3 sd, half as wide
     q = np.stack([rng.normal(0, 2, n), rng.normal(0.6, 2, n), rng.normal(0, 1, n)], axis=1)
     st = element_stats(draws(q), draws(nuts), mass=0.9)
-    np.testing.assert_allclose(st["z"].values, [0.0, 0.3, 0.0], atol=0.03)
+    np.testing.assert_allclose(st["zscore"].values, [0.0, 0.3, 0.0], atol=0.03)
     np.testing.assert_allclose(st["sd_ratio"].values, [1.0, 1.0, 0.5], atol=0.03)
     # NUTS mass inside q's central 90 % interval: 0.9; shifted by 0.3 sd; inside +-1.645 * 1 for sd 2
     shifted = sps.norm.cdf(1.645 - 0.3) - sps.norm.cdf(-1.645 - 0.3)
@@ -42,7 +42,7 @@ def test_element_stats_of_a_point_estimate():
     q = np.broadcast_to([1.0, 2.0], (4000, 2)).copy()
     st = element_stats(draws(q), draws(nuts))
     assert np.all(st["sd_q"].values == 0) and np.all(st["sd_ratio"].values == 0)
-    np.testing.assert_allclose(st["z"].values, [0.0, 2.0], atol=0.06)
+    np.testing.assert_allclose(st["zscore"].values, [0.0, 2.0], atol=0.06)
     assert np.all(st["coverage"].values == 0)
 
 
@@ -58,7 +58,7 @@ def test_bernoulli_stats_by_hand():
     w_n = np.array([0.5, 0.8, 0.0, 0.05])
     st = bernoulli_stats(w_q, w_n, ("x",), mass=0.9)
     sd_n = np.sqrt(w_n * (1 - w_n))
-    np.testing.assert_allclose(st["z"].values, [0, 0.1 / sd_n[1], 0, -0.03 / sd_n[3]])
+    np.testing.assert_allclose(st["zscore"].values, [0, 0.1 / sd_n[1], 0, -0.03 / sd_n[3]])
     np.testing.assert_allclose(st["sd_ratio"].values[[0, 1, 3]],
                                np.sqrt(w_q * (1 - w_q))[[0, 1, 3]] / sd_n[[0, 1, 3]])
     assert st["sd_ratio"].values[2] == 0  # 0 / 0: both certain
