@@ -47,20 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _memory import reset_peak, status_kib  # benchmarks/ is sys.path[0] when run as a script
+
 CASES = ("binary", "probability")
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def adjusted_rand_index(a, b) -> float:
