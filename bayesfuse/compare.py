@@ -475,16 +475,20 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
 def plot_boxes(scores: pd.DataFrame, tests: pd.DataFrame, path: str | os.PathLike, *, title: str = "") -> Path:
     """Box plots of each metric's distribution per method (seed 000, Fig. 4).
 
-    Methods are ordered by median Dice, best at the top; a ``*`` after a
-    method's name marks a significant difference (p < alpha, uncorrected, as
-    in the paper) from the ``against`` method, which is drawn in bold.
-    Infinite distances are drawn at the image diagonal (see
-    :func:`case_scores`).
+    Methods are ordered by median Dice, best at the top; the ``against``
+    method's name is drawn in bold. In each metric's panel, a ``*`` at the
+    right of a method's row marks a significant difference from ``against``
+    on that metric (p < alpha, uncorrected, as in the paper), ``**`` one that
+    stays significant after Holm's correction; ``+`` / ``-`` after it says
+    whether the method is better or worse. The marks are per panel because
+    the panels share their method labels. Infinite distances are drawn at the
+    image diagonal (see :func:`case_scores`).
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
 
     metrics = [m for m in METRICS if m in scores]
     dice = case_scores(scores, "dice")
@@ -496,17 +500,24 @@ def plot_boxes(scores: pd.DataFrame, tests: pd.DataFrame, path: str | os.PathLik
         table = case_scores(scores, metric)
         data = [table[m].dropna().to_numpy() if m in table else np.array([]) for m in order]
         ax.boxplot(data, orientation="horizontal", widths=0.6, showfliers=True, flierprops={"markersize": 2})
-        sig = set(tests.loc[(tests["metric"] == metric) & tests["significant"], "method"])
-        labels = [f"{m} *" if m in sig else m for m in order]
-        ax.set_yticks(range(1, len(order) + 1), labels)
+        # sharey: one set of tick labels serves every panel, so a panel's
+        # significance marks go inside the panel, not into the labels.
+        ax.set_yticks(range(1, len(order) + 1), order)
         for tick, m in zip(ax.get_yticklabels(), order):
             if m == against:
                 tick.set_fontweight("bold")
+        rows = tests[(tests["metric"] == metric) & tests["significant"]].set_index("method")
+        at_right = blended_transform_factory(ax.transAxes, ax.transData)
+        for i, m in enumerate(order, start=1):
+            if m in rows.index:
+                r = rows.loc[m]
+                mark = ("**" if r["significant_holm"] else "*") + {"better": "+", "worse": "-"}.get(r["direction"], "")
+                ax.text(1.01, i, mark, transform=at_right, ha="left", va="center", fontsize=9, color="tab:red", clip_on=False)
         unit = "" if METRICS[metric] else " (mm)"
         ax.set_xlabel(f"{metric}{unit}, {'higher' if METRICS[metric] else 'lower'} is better")
         ax.grid(axis="x", alpha=0.3)
     if title or against:
-        fig.suptitle((title + "; " if title else "") + (f"* p < 0.05 vs {against} (Wilcoxon signed-rank)" if against else ""), fontsize=9)
+        fig.suptitle((title + "; " if title else "") + (f"Wilcoxon signed-rank vs {against} (bold): * p < alpha, ** also after Holm; + better, - worse" if against else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

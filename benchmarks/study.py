@@ -14,7 +14,8 @@ Data sets (``--datasets``, comma-separated):
     majority vote is largest. All three splits of the source are used (115
     nodules; nothing is trained here, so the split does not matter): slices
     of one nodule are strongly correlated, so the nodule, not the slice, is
-    the unit of the paired tests. Reference: the source's consensus, which
+    the unit of the paired tests (every nodule by default; ``--lidc-step``
+    takes every N-th). Reference: the source's consensus, which
     is the majority vote of the radiologists (ties to foreground), as the
     paper does for LIDC. The methods fuse the same radiologists, so majority
     vote is scored against itself (Dice 1): read this set as agreement with
@@ -49,6 +50,11 @@ STAPLE get the masks. The study runs in this process, one fit at a time
 Command (from the repository root)::
 
     /work/venv/bin/python benchmarks/study.py --out benchmarks/study
+
+The subsets of the committed run (``benchmarks/study/``, on a shared 2-core
+machine) are in ``benchmarks/README.md``, section "Method comparison study".
+A data set whose ``study.json`` exists is skipped (``--force`` redoes it), so
+the study can be run in parts and ``RESULTS.md`` regenerated at the end.
 """
 
 from __future__ import annotations
@@ -103,13 +109,12 @@ def lidc_nodules(root) -> list[tuple[str, str]]:
     return [(split, i) for _, (_, split, i) in sorted(best.items())]
 
 
-def cases(name: str, root, limit: int | None, bubil_step: int = 3, loo_step: int = 3):
+def cases(name: str, root, limit: int | None, bubil_step: int = 3, loo_step: int = 3, lidc_step: int = 1):
     """(cases, compare options) of one data set."""
     if name in ("lidc", "lidc-loo"):
         out = []
         nodules = lidc_nodules(root)
-        if name == "lidc-loo":
-            nodules = nodules[::loo_step]
+        nodules = nodules[::loo_step] if name == "lidc-loo" else nodules[::lidc_step]
         for split, i in nodules[:limit]:
             c = datasets.lidc_case(i, split, root)
             out.append((i, (c.raters, c.reference) if name == "lidc" else c.raters))
@@ -178,9 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--root", help="shared data folder (default: ../shared/data)")
     p.add_argument("--limit", type=int, help="first N cases of each data set (a quick look)")
     p.add_argument("--bubil-step", type=int, default=3, help="every N-th BU-BIL image (default 3: 12 of 35; 1: all)")
+    p.add_argument("--lidc-step", type=int, default=1, help="lidc: every N-th nodule (default 1: all 115)")
     p.add_argument("--loo-step", type=int, default=3, help="lidc-loo: every N-th nodule (default 3: 39 of 115; 1: all)")
     p.add_argument("--to-prob", default="geodesic")
     p.add_argument("--force", action="store_true", help="redo data sets whose outputs exist")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw the box plots of data sets done earlier from their scores.csv and wilcoxon.csv")
     args = p.parse_args(argv)
 
     wanted = args.methods.split(",") if args.methods else list(PAPER + EXTRA)
@@ -193,9 +201,12 @@ def main(argv=None) -> int:
         d = out / name
         if (d / "study.json").is_file() and not args.force:
             print(f"{name}: done earlier ({d}); --force to redo", flush=True)
+            if args.replot:
+                title = json.loads((d / "study.json").read_text())["title"]
+                cmp.plot_boxes(pd.read_csv(d / "scores.csv"), pd.read_csv(d / "wilcoxon.csv"), d / "boxplots.png", title=title)
             continue
         t0 = time.perf_counter()
-        items, opts = cases(name, args.root, args.limit, args.bubil_step, args.loo_step)
+        items, opts = cases(name, args.root, args.limit, args.bubil_step, args.loo_step, args.lidc_step)
         these = [m for m in methods if m in LEAKY_METHODS] if name == "bubil-experts-gold-in" else methods
         vs = against if against in these else these[-1]
         print(f"{name}: {len(items)} cases, {len(these)} methods", flush=True)
