@@ -480,6 +480,28 @@ _FASTMATH = {"reassoc", "contract", "nsz"}
 _LOG_GROUP = 8
 
 
+@njit(cache=True, fastmath=_FASTMATH)
+def _sum_log(v, n):
+    """sum_j log v[j] over v[:n] (v > 0), one log per group of products.
+
+    log() is the pass's one libm call per voxel; a group's product is used only
+    while it stays far inside float64's normal range, else its logs are
+    taken one by one.
+    """
+    s = 0.0
+    for j0 in range(0, n, _LOG_GROUP):
+        j1 = min(n, j0 + _LOG_GROUP)
+        pr = 1.0
+        for j in range(j0, j1):
+            pr *= v[j]
+        if 1e-290 < pr < 1e290:
+            s += math.log(pr)
+        else:
+            for j in range(j0, j1):
+                s += math.log(v[j])
+    return s
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_b, a_tau, nu,
               prior_prec, prior_prec_prev, robust, block):
@@ -544,7 +566,6 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_
                 l11[j] = l00[j] / det
                 l00[j] = a00
             for p in range(P):
-                slog = 0.0
                 for j in range(B):
                     e0 = d0[p, j] - mu_T[0, n0 + j] - b0[p]
                     e1 = d1[p, j] - mu_T[1, n0 + j] - b1[p]
@@ -555,12 +576,7 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_
                     t[p, j] = w[j] * tp
                     tau[p, n0 + j] = w[j] * tp + (1.0 - w[j])
                     c[j] = w[j] * cj + (1.0 - w[j])  # log 1 = 0 for unobserved voxels
-                for j0 in range(0, B, _LOG_GROUP):
-                    pr = 1.0
-                    for j in range(j0, min(B, j0 + _LOG_GROUP)):
-                        pr *= c[j]
-                    slog += math.log(pr)
-                acc[ib, p, 9] = slog
+                acc[ib, p, 9] = _sum_log(c, B)
         else:
             for p in range(P):
                 for j in range(B):
@@ -582,7 +598,6 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_
                 l11[j] += tp * s11[p]
                 h0[j] += tp * (s00[p] * e0 + s01[p] * e1)
                 h1[j] += tp * (s01[p] * e0 + s11[p] * e1)
-        g0 = 0.0
         g1 = 0.0
         g2 = 0.0
         g3 = 0.0
@@ -601,12 +616,12 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, trace_
             l00[j] = S00
             l01[j] = S01
             l11[j] = S11
-            g0 -= math.log(det)
+            c[j] = det
             g1 += m0 * m0
             g2 += m1 * m1
             g3 += S00
             g4 += S11
-        glob[ib, 0] = g0
+        glob[ib, 0] = -_sum_log(c, B)
         glob[ib, 1] = g1
         glob[ib, 2] = g2
         glob[ib, 3] = g3
