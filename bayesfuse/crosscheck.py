@@ -107,7 +107,8 @@ def _compiled(model) -> tuple[Any, float, bool]:
 
 
 def sample_nuts(model, *, draws: int = 1000, tune: int = 1000, chains: int = 4, random_seed=0,
-                cores: int | None = None, target_accept: float = 0.8, store_unconstrained: bool = False) -> xr.DataTree:
+                cores: int | None = None, target_accept: float = 0.8, store_unconstrained: bool = False,
+                adaptation: str = "diag") -> xr.DataTree:
     """NUTS draws of a PyMC model with nutpie, as a DataTree.
 
     The compiled model is cached per structure (:func:`_fingerprint`): the
@@ -119,7 +120,13 @@ def sample_nuts(model, *, draws: int = 1000, tune: int = 1000, chains: int = 4, 
     DataTree
         ``posterior``, ``sample_stats`` (and ``unconstrained_posterior`` with
         ``store_unconstrained``); attrs ``compile_seconds``,
-        ``sample_seconds``, ``compile_cached``.
+        ``sample_seconds``, ``compile_cached``, ``adaptation``.
+
+    ``adaptation`` is nutpie's mass-matrix adaptation: ``"diag"``, or
+    ``"low_rank"`` (diagonal plus the leading eigenvectors of the draws'
+    and gradients' covariance) for posteriors with a few strongly
+    correlated directions, such as the common shift of the robust-t
+    family's consensus and biases.
     """
     import nutpie
 
@@ -129,9 +136,9 @@ def sample_nuts(model, *, draws: int = 1000, tune: int = 1000, chains: int = 4, 
     tree = nutpie.sample(compiled, draws=int(draws), tune=int(tune), chains=int(chains),
                          cores=int(cores or min(int(chains), os.cpu_count() or 1)), seed=seed,
                          progress_bar=False, save_warmup=False, store_unconstrained=store_unconstrained,
-                         target_accept=float(target_accept))
+                         target_accept=float(target_accept), adaptation=adaptation)
     tree.attrs.update(compile_seconds=float(compile_s), sample_seconds=float(time.perf_counter() - t0),
-                      compile_cached=int(cached))
+                      compile_cached=int(cached), adaptation=adaptation)
     return tree
 
 
@@ -525,7 +532,7 @@ def run(
     CrossCheck
     """
     from .calibration import contested_voxels
-    from .crosscheck_models import criteria_for, label_posterior, point_estimate, q_block
+    from .crosscheck_models import align_components, criteria_for, label_posterior, point_estimate, q_block
     from .models import get_model
 
     spec = get_model(method)
@@ -542,10 +549,11 @@ def run(
     model = mod.build_model(data, config, hyper="fixed", fixed=mod.fixed_from_result(result))
     tree = sample_nuts(model, draws=draws, tune=tune, chains=chains, random_seed=random_seed,
                        target_accept=target_accept, store_unconstrained=crit.mode or crit.khat_max is not None)
+    post, notes = align_components(method, result, tree["posterior"].to_dataset())
+    if notes:
+        tree["posterior"] = xr.DataTree(post)
     health = nuts_health(tree)
-    post = tree["posterior"].to_dataset()
     n_total = int(post.sizes["chain"] * post.sizes["draw"])
-    notes: list[str] = []
     q_tree = None
     draw_fn = getattr(mod, "posterior_draws", None)
     if draw_fn is None:
@@ -562,10 +570,10 @@ def run(
     block_khat: dict[str, float] = {}
     point = None
     if crit.family == "vb" and q_tree is not None:
-        from .crosscheck_models import q_means, robust_t_blocks
+        from .crosscheck_models import q_means, vb_blocks
 
         fixed_value = _value_point(model, q_means(result, q_tree["posterior"].to_dataset(), model))
-        blocks = robust_t_blocks(result, model, fixed_value, min(n_total, 1000), random_seed)
+        blocks = vb_blocks(method, result, model, fixed_value, min(n_total, 1000), random_seed)
         for blk in blocks:
             k = khat_of_block(model, (blk.values, blk.log_q, blk.label), fixed_value)
             block_khat[blk.variable] = max(block_khat.get(blk.variable, -np.inf), k)
@@ -594,6 +602,12 @@ def run(
                 st = bernoulli_stats(w_q[..., 1], w_n[..., 1], sdims, mass)
             else:
                 st = bernoulli_stats(w_q, w_n, sdims + ("class",), mass)
+            row_khat = float("nan")
+        elif rule.labels:
+            # p(label | data): the solver's probabilities against the NUTS mean of the deterministic
+            st = bernoulli_stats(_point_draws(result, rule.variable, post[rule.variable], 1).values[0, 0],
+                                 post[rule.variable].mean(("chain", "draw")).values, post[rule.variable].dims[2:], mass)
+            st = st.assign_coords({d: post[rule.variable][d] for d in st.dims if d in post[rule.variable].coords})
             row_khat = float("nan")
         else:
             nuts_da = post[rule.variable]

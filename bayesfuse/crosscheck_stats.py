@@ -87,6 +87,17 @@ def nuts_health(tree: xr.DataTree, var_names=None) -> Health:
     rhat = azs.rhat(post)
     bulk = azs.ess(post, method="bulk")
     tail = azs.ess(post, method="tail")
+    # An element equal in every draw of every chain (a deterministic saturated
+    # at 1, e.g. a mixture responsibility of 1 - 1e-21) is exact: no Monte
+    # Carlo error, though r_hat and ESS are NaN (0/0). A stuck free variable is
+    # not constant across chains, whose starts are jittered.
+    n = post.sizes["chain"] * post.sizes["draw"]
+    for name in post.data_vars:
+        const = (post[name].max(SAMPLE_DIMS) == post[name].min(SAMPLE_DIMS))
+        if bool(const.any()):
+            rhat[name] = rhat[name].where(~const, 1.0)
+            bulk[name] = bulk[name].where(~const, float(n))
+            tail[name] = tail[name].where(~const, float(n))
     r, rname = _worst(rhat, largest=True)
     b, bname = _worst(bulk, largest=False)
     t, tname = _worst(tail, largest=False)

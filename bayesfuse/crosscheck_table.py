@@ -37,7 +37,9 @@ def row(cc) -> dict:
     s = cc.summary.set_index("variable")
     sdims = set(cc.result.spatial_dims)
     voxel = next((n for n, st in cc.stats.items() if sdims <= set(st["zscore"].dims)), None)
-    params = [n for n in cc.stats if n != voxel]
+    # label probabilities (the mixture's responsibilities) have Bernoulli sds, not a parameter's
+    labels = {r.variable for r in cc.criteria.rules if getattr(r, "labels", False)}
+    params = [n for n in cc.stats if n != voxel and n not in labels]
     within = "-"
     vox_ratio = float("nan")
     if voxel is not None:

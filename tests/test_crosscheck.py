@@ -61,8 +61,7 @@ EM_MODELS = ["staple", "multi-staple", "soft-staple", "soft-staple-simplified", 
 def test_every_model_with_a_pymc_form_is_covered():
     """A model that lands with a PyMC form needs criteria (and a case below)."""
     missing = [s.name for s in REGISTRY.values() if s.pymc and s.name not in CRITERIA]
-    pending = {"robust-t", "gaussian", "continuous-staple", "mixture"}  # PyMC forms still landing
-    assert set(missing) <= pending, f"no cross-check criteria for {sorted(set(missing) - pending)}"
+    assert not missing, f"no cross-check criteria for {sorted(missing)}"
 
 
 @pytest.mark.parametrize("method", EM_MODELS)
