@@ -282,8 +282,11 @@ def test_nu_update_caps_and_solves():
 # ------------------------------------------------------------------- limits
 def test_nu_to_infinity_gives_the_gaussian_model():
     data = _phantom()
-    res_t = R.fit(data, R.Config(nu=1e9, basis_spacing=3.0), max_iter=120, tol=1e-11, progress=False)
-    res_g = R.fit(data, R.Config(likelihood="gaussian", basis_spacing=3.0), max_iter=120, tol=1e-11, progress=False)
+    # the same 60 iterations for both (tol=0; they agree to 6e-8 there, and by 120
+    # the slow drift along the bias gauge has amplified the 1e-9 difference): with nu = 1e9 the ELBO's
+    # nu terms (~1e11) cancel, so its rounding (~1e-5) can stop a tol run early
+    res_t = R.fit(data, R.Config(nu=1e9, basis_spacing=3.0), max_iter=60, tol=0.0, progress=False)
+    res_g = R.fit(data, R.Config(likelihood="gaussian", basis_spacing=3.0), max_iter=60, tol=0.0, progress=False)
     np.testing.assert_allclose(res_t.tree["variational"]["mu_T"], res_g.tree["variational"]["mu_T"], atol=1e-5)
     np.testing.assert_allclose(res_t.tree["raters"]["covariance"], res_g.tree["raters"]["covariance"], rtol=1e-4)
     np.testing.assert_allclose(res_t.tree["maps"]["tau"], 1.0, atol=1e-6)

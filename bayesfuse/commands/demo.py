@@ -57,6 +57,7 @@ def run(args) -> int:
     lines = [
         f"bayesfuse demo: phantom {args.phantom!r}, {data.n_raters} raters, {'x'.join(map(str, data.shape))} voxels, "
         f"method {method} ({time.perf_counter() - t0:.1f} s)",
+        _convergence_line(result),
         f"  consensus vs truth: Dice {metrics.dice(cons, truth):.3f}, "
         f"HD95 {metrics.hd95(cons, truth, data.spacing):.2f} mm",
     ]
@@ -70,3 +71,11 @@ def run(args) -> int:
     lines += [f"    {Path(w).name}" for w in written]
     print("\n".join(lines), file=sys.stdout)
     return 0
+
+
+def _convergence_line(result) -> str:
+    """Whether the fit converged and why it stopped, as ``bayesfuse fuse`` prints it."""
+    conv = result.converged
+    state = "-" if conv is None else ("converged" if conv else "NOT converged")
+    reason = result.tree["optimizer"].attrs.get("stop_reason", "") if "optimizer" in result.tree.children else ""
+    return f"  solver: {state} after {result.n_iter} iterations" + (f" ({reason})" if reason else "")
