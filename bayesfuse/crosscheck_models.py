@@ -171,9 +171,12 @@ _RT_CSTAPLE = (
 _MIXTURE_REASON = (
     "With pi and sigma^2 pinned, NUTS samples p(w | y) with the labels Z summed out, the posterior that "
     "q(w) q(Z) approximates. Given Z, the posterior of w is exactly Gaussian with q(w)'s precision (eq:mix-qw), so "
-    "where the raters' assignments are clear q(w) is exact up to the mean field's neglect of Z's uncertainty: every "
-    "component weight within 0.5 NUTS sd, median sd ratio in [0.67, 1.5] (a wrong precision in (eq:mix-qw) fails it), "
-    "k-hat of q(w) jointly <= 0.7. The raters' assignments: q(z_p) against p(z_p = m | y), the NUTS mean of the "
+    "where the raters' assignments are clear q(w) is exact: every component weight within 0.5 NUTS sd. q(w) can be "
+    "narrower than the posterior, never wider: p(w | y) is a mixture over Z of Gaussians whose variance is at least the "
+    "mean of their variances, at least (by Jensen) the variance 1 / (1/omega^2 + sum_p r/sigma_p^2) of q. Median sd "
+    "ratio in [0.67, 1.1] (1.1: the Monte Carlo error of two sds from 4000 draws, about 2%, with room; 0.67: mean "
+    "field's shortfall where raters are shared, reported by the card), k-hat of q(w) jointly <= 0.7. The raters' "
+    "assignments: q(z_p) against p(z_p = m | y), the NUTS mean of the "
     "responsibility deterministic, compared as two categorical posteriors: >= 95% of the (rater, component) "
     "probabilities within 0.5 sd of the label. The posterior has a mode per labelling of the components: NUTS "
     "chains are relabelled to q's components (Hungarian matching on w) before any comparison."
@@ -208,7 +211,7 @@ CRITERIA: dict[str, Criteria] = {
     "continuous-staple": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),), khat_max=0.7,
                                   downsample="mean", reason=_RT_REASON + _RT_CSTAPLE),
     "mixture": Criteria(
-        "vb", (Rule("w", within_sd=0.5, share=1.0, where="all", sd_ratio=(2 / 3, 1.5)),
+        "vb", (Rule("w", within_sd=0.5, share=1.0, where="all", sd_ratio=(2 / 3, 1.1)),
                Rule("responsibility", within_sd=0.5, share=0.95, where="all", labels=True)),
         khat_max=0.7, downsample="mean", reason=_MIXTURE_REASON),
 }
@@ -487,6 +490,8 @@ def mixture_blocks(result, model, fixed_point: dict, n: int, random_seed) -> lis
     mu = var["w_mean"].values.astype(float)
     s = var["w_var"].values.astype(float)
     names = {rv.name: model.rvs_to_values[rv].name for rv in model.free_RVs}
+    if mu.size == 0:
+        return []  # one component and no principal mode: w is empty, nothing to weigh
     sd = np.broadcast_to(np.sqrt(s)[:, None], mu.shape)
     x, lq = _gauss_draws(mu.ravel(), np.diag(sd.ravel() ** 2), n, rng)
     return [Block("w", f"w (all {mu.shape[0]} components x {mu.shape[1]} modes)", {names["w"]: x.reshape((n,) + mu.shape)}, lq)]
