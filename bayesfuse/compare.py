@@ -472,6 +472,17 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ plots
+def significance_marks(tests: pd.DataFrame, metric: str) -> dict[str, str]:
+    """The box plot's mark of each method significantly different on one metric.
+
+    ``*`` (p < alpha) or ``**`` (also after Holm), then ``+`` (better) or
+    ``-`` (worse); methods that do not differ are absent.
+    """
+    rows = tests[(tests["metric"] == metric) & tests["significant"].astype(bool)]
+    return {r.method: ("**" if r.significant_holm else "*") + {"better": "+", "worse": "-"}.get(r.direction, "")
+            for r in rows.itertuples()}
+
+
 def plot_boxes(scores: pd.DataFrame, tests: pd.DataFrame, path: str | os.PathLike, *, title: str = "") -> Path:
     """Box plots of each metric's distribution per method (seed 000, Fig. 4).
 
@@ -506,13 +517,11 @@ def plot_boxes(scores: pd.DataFrame, tests: pd.DataFrame, path: str | os.PathLik
         for tick, m in zip(ax.get_yticklabels(), order):
             if m == against:
                 tick.set_fontweight("bold")
-        rows = tests[(tests["metric"] == metric) & tests["significant"]].set_index("method")
         at_right = blended_transform_factory(ax.transAxes, ax.transData)
-        for i, m in enumerate(order, start=1):
-            if m in rows.index:
-                r = rows.loc[m]
-                mark = ("**" if r["significant_holm"] else "*") + {"better": "+", "worse": "-"}.get(r["direction"], "")
-                ax.text(1.01, i, mark, transform=at_right, ha="left", va="center", fontsize=9, color="tab:red", clip_on=False)
+        for m, mark in significance_marks(tests, metric).items():
+            if m in order:
+                ax.text(1.01, order.index(m) + 1, mark, transform=at_right, ha="left", va="center",
+                        fontsize=9, color="tab:red", clip_on=False)
         unit = "" if METRICS[metric] else " (mm)"
         ax.set_xlabel(f"{metric}{unit}, {'higher' if METRICS[metric] else 'lower'} is better")
         ax.grid(axis="x", alpha=0.3)

@@ -33,14 +33,15 @@ Data sets (``--datasets``, comma-separated):
     BU-BIL cell images (811 x 1024); experts only; reference: the data's gold
     standard. Every third image of the 35 (B01, B04, ..., B34: 12 images) by
     default (``--bubil-step``): the robust models take minutes per image on
-    the shared machine. The gold standard is expert Person2_Amira's masks (identical on
-    every image), so that expert is left out of the fusion (the same
-    person's ImageJ masks stay in).
+    the shared machine. The gold standard equals expert Person2's masks,
+    from both tools (Person2_Amira and Person2_ImageJ are identical to it on
+    all 35 images), so ``exclude_gold_rater`` leaves both out: 8 experts are
+    fused.
 ``bubil-all``
-    the same, experts (without Person2_Amira) and the seven crowd workers.
+    the same, the 8 experts (without Person2) and the seven crowd workers.
 ``bubil-experts-gold-in``
-    experts only, Person2_Amira kept in: the leakage the other BU-BIL sets
-    avoid, measured on a few methods (:data:`LEAKY_METHODS`).
+    experts only, Person2's two masks kept in (10 experts): the leakage the
+    other BU-BIL sets avoid, measured on a few methods (:data:`LEAKY_METHODS`).
 
 Binary masks become probability maps by the geodesic conversion (seed 000,
 section 2.1) for every method that fuses probabilities; majority vote and
@@ -143,7 +144,8 @@ def results_markdown(out: Path, names: list[str], methods: list[str], missing: l
     if missing:
         lines += [f"Not in the zoo when the study ran (left out): {', '.join(missing)}.", ""]
     for metric, better in (("dice", "higher"), ("hd95", "lower"), ("hausdorff", "lower")):
-        unit = "" if metric == "dice" else " (mm)"
+        # LIDC crops and BU-BIL PNGs carry no geometry: unit spacing.
+        unit = "" if metric == "dice" else " (mm for liver-loo; pixels for the 2-D sets)"
         lines += [f"Median {metric}{unit} ({better} is better); `*` p < 0.05, `**` also after Holm's correction, "
                   "against the bold method; arrows: the method's direction.", ""]
         head = ["method"] + names

@@ -155,6 +155,18 @@ def test_wilcoxon_table_matches_scipy(zero_method):
     assert not table.loc["c", "significant"]
 
 
+def test_box_plot_marks_are_per_metric():
+    """Each panel's marks come from its own metric's tests (the panels share
+    their labels, so marks in the labels showed one metric's tests on all)."""
+    rng = np.random.default_rng(1)
+    base = rng.random(12)
+    scores = pd.concat([_scores_from({"ref": base, "a": base + 0.1, "b": base}, "dice"),
+                        _scores_from({"ref": base, "a": base, "b": base + 0.1}, "hd95")["hd95"]], axis=1)
+    table = cmp.wilcoxon_table(scores, "ref", metrics=["dice", "hd95"])
+    assert cmp.significance_marks(table, "dice") == {"a": "**+"}
+    assert cmp.significance_marks(table, "hd95") == {"b": "**-"}
+
+
 def test_holm_adjustment():
     np.testing.assert_allclose(cmp.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
     np.testing.assert_allclose(cmp.holm([0.5, 0.2]), [0.5, 0.4])
