@@ -108,7 +108,7 @@ def test_fused_iteration_equals_the_pure_updates():
     # q(tau) with the current q(T), then q(T) with the new tau
     a, c = R.update_q_tau(Dt, q0["mu_T"], q0["S_T"], q0["mu_b"], q0["S_b"], Sigma, nu)
     tau = a[:, None] / c
-    prior_mean = R.mu_W_of(prob, st).reshape(2, -1) @ prob.basis.dense().T
+    prior_mean = R.mu_W_of(prob, st).reshape(2, -1) @ prob.basis.dense().T + h0["m"][:, None]
     mu_T, _, S_T = G.update_q_T(prob.kd, tau, Sigma, q0["mu_b"], st.sigma_T, prior_mean, return_cov=True)
     mu_b, S_b = R.update_q_b(Dt, tau, mu_T, Sigma, st.beta)
     beta = R.update_beta(mu_b, S_b)
@@ -116,16 +116,24 @@ def test_fused_iteration_equals_the_pure_updates():
     elog = special.digamma(a)[:, None] - np.log(c)
     nu_new = R.update_nu((elog - tau).sum(1), prob.n_voxels, cfg.nu_bounds)
     R.iterate(prob, st, cfg)
+    # the gauge step then centres the biases: b + c, T~ - c, m - c with c = -mean_p mu_b
+    c = st.gauge[-1]
+    np.testing.assert_allclose(c, -mu_b.mean(axis=0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(st.tau, tau, rtol=1e-10)
-    np.testing.assert_allclose(st.mu_b, mu_b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(st.mu_b - c, mu_b, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(st.S_b, S_b, rtol=1e-9)
     assert st.beta == pytest.approx(beta, rel=1e-9)
     np.testing.assert_allclose(st.Sigma, Sigma_new, rtol=1e-9)
     np.testing.assert_allclose(st.nu, nu_new, rtol=1e-8)
-    # q(W) from the new mu_T, then the prior mean the next pass uses
-    mu_W, s_W = prob.basis.posterior(prob.basis.project(mu_T.reshape((2,) + prob.shape)), *st.W_hyper)
+    # q(W) and m jointly from the new mu_T: q(W) is the posterior given m, and m
+    # the conditional optimum given q(W) (both conditions: the joint maximum)
+    m = st.m + c
+    y = mu_T - m[:, None]
+    mu_W, s_W = prob.basis.posterior(prob.basis.project(y.reshape((2,) + prob.shape)), *st.W_hyper)
     np.testing.assert_allclose(R.mu_W_of(prob, st), mu_W, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(st.prior_mean, mu_W.reshape(2, -1) @ prob.basis.dense().T, rtol=1e-9, atol=1e-12)
+    PhiW = mu_W.reshape(2, -1) @ prob.basis.dense().T
+    np.testing.assert_allclose(m, R.update_m(mu_T.sum(1), PhiW.sum(1), prob.n_voxels), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(st.prior_mean, PhiW + st.m[:, None], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(R.S_T_of(prob, st, cfg), S_T, rtol=1e-10)
 
 
@@ -160,7 +168,7 @@ def test_q_T_update_maximises_the_elbo(state):
     cfg, prob, st = state
     q, h = R.dense_q(prob, st, cfg), R.hyper_of(st)
     tau = q["a"] / q["c"]
-    pm = R.mu_W_of(prob, st).reshape(2, -1) @ prob.basis.dense().T
+    pm = R.mu_W_of(prob, st).reshape(2, -1) @ prob.basis.dense().T + h["m"][:, None]
     mu, _, S = G.update_q_T(prob.kd, tau, h["Sigma"], q["mu_b"], h["sigma_T"], pm, return_cov=True)
     n = 17
 
@@ -239,13 +247,14 @@ def test_sigma_and_nu_updates_maximise_the_elbo(state):
     assert np.exp(xn[0]) == pytest.approx(nu[p], rel=1e-5)
 
 
-def test_W_alpha_and_sigma_T_updates_maximise_the_elbo(state):
+def test_W_m_alpha_and_sigma_T_updates_maximise_the_elbo(state):
     cfg, prob, st = state
     q, h = R.dense_q(prob, st, cfg), R.hyper_of(st)
     basis = prob.basis
     Phi = basis.dense()
     L = basis.n_basis
-    mu_W, s = basis.posterior(basis.project(q["mu_T"].reshape((2,) + prob.shape)), h["alpha"], h["sigma_T"])
+    y = q["mu_T"] - h["m"][:, None]
+    mu_W, s = basis.posterior(basis.project(y.reshape((2,) + prob.shape)), h["alpha"], h["sigma_T"])
     Ud = np.kron(basis.U[0], basis.U[1])
     S_W = (Ud * s.reshape(-1)) @ Ud.T
 
@@ -260,10 +269,27 @@ def test_W_alpha_and_sigma_T_updates_maximise_the_elbo(state):
     alpha = R.update_alpha(q["mu_W"].reshape((2,) + basis.basis_shape), np.linalg.eigvalsh(q["S_W"]), 2)
     xa, _ = _numeric_max(lambda la: _ref(prob, st, cfg, q, dict(h, alpha=np.exp(la[0]))), np.log([h["alpha"] * 2]))
     assert np.exp(xa[0]) == pytest.approx(alpha, rel=1e-5)
+    # m (eq:rt-mean) maximises it in m, with q(W) held
+    m = R.update_m(q["mu_T"].sum(1), (q["mu_W"] @ Phi.T).sum(1), prob.n_voxels)
+    xm, _ = _numeric_max(lambda mm: _ref(prob, st, cfg, q, dict(h, m=mm)), h["m"] + 0.3)
+    np.testing.assert_allclose(xm, m, atol=1e-6)
+    assert abs(m).max() > 0.1  # the sqrt link's levels are far from zero: the test can see a wrong m
+
+    # m jointly with q(W) (eq:rt-mean-joint): the profile ELBO, q(W) at its optimum for each m
+    def profile(mm):
+        yy = q["mu_T"] - mm[:, None]
+        mw, _ = basis.posterior(basis.project(yy.reshape((2,) + prob.shape)), h["alpha"], h["sigma_T"])
+        return _ref(prob, st, cfg, dict(q, mu_W=mw.reshape(2, L), S_W=S_W), dict(h, m=mm))
+
+    z1 = basis.project_eig(np.ones(prob.shape))
+    z_raw = basis.project_eig(q["mu_T"].reshape((2,) + prob.shape))
+    mj = R.update_m_joint(q["mu_T"].sum(1), z_raw, z1, s, h["sigma_T"], prob.n_voxels)
+    xj, _ = _numeric_max(profile, h["m"] + 0.3)
+    np.testing.assert_allclose(xj, mj, atol=1e-6)
     # Sigma_T through its expanded squares, from dense quantities
-    z = q["mu_T"] @ Phi
+    z = y @ Phi
     sig = R.update_sigma_T(
-        np.sum(q["mu_T"] ** 2), np.sum(z * q["mu_W"]), np.einsum("kl,lm,km->", q["mu_W"], Phi.T @ Phi, q["mu_W"]),
+        np.sum(y**2), np.sum(z * q["mu_W"]), np.einsum("kl,lm,km->", q["mu_W"], Phi.T @ Phi, q["mu_W"]),
         np.trace(q["S_T"], axis1=1, axis2=2).sum(), np.trace(q["S_W"] @ Phi.T @ Phi), prob.n_voxels, 2,
     )
     xs, _ = _numeric_max(lambda ls: _ref(prob, st, cfg, q, dict(h, sigma_T=np.exp(ls[0]))), np.log([h["sigma_T"] * 2]))

@@ -71,8 +71,11 @@ def test_float32_storage_never_decreases_and_matches_float64(phantom_3d):
     d = np.diff(e32)
     assert np.all(d >= -r32[1:]), (d.min(), r32.max())
     assert r32.max() < 1e-8 * np.abs(e32).max()  # the bound is small against the steps (tens here)
-    # float32 storage rounds mu_T and tau (1e-7 relative); the ELBOs follow to 5e-8 (1.2e-8 measured)
-    np.testing.assert_allclose(e32, e64, rtol=5e-8)
+    # float32 storage rounds mu_T and tau (1e-7 relative); the ELBOs follow to 2e-6. Measured: 1.2e-8
+    # with the zero-mean spatial prior, 8.8e-7 with the estimated mean m (1.3e-7 after the first
+    # iteration; the rounding of the near-constant background level is systematic, and m carries
+    # that level; not analysed further)
+    np.testing.assert_allclose(e32, e64, rtol=2e-6)
 
 
 def test_float32_projection_breaks_the_elbo(phantom_3d, monkeypatch):
@@ -85,19 +88,25 @@ def test_float32_projection_breaks_the_elbo(phantom_3d, monkeypatch):
     assert np.abs(e32 - e64).max() > 1e-7 * np.abs(e64).max()
 
 
-def test_gauge_step_is_exact_and_finds_the_degenerate_maximum(phantom_3d):
+def test_gauge_step_is_exact_and_centres_the_biases(phantom_3d):
     # small float64 problem: the recorded ELBO (with the gauge step's gain) equals the dense reference
     from test_robust_t import _phantom, _ref
 
-    cfg = R.Config(basis_spacing=3.0, gauge_step=True)
+    cfg = R.Config(basis_spacing=3.0)
+    assert cfg.gauge_step  # on by default
     prob, st, e, r = _elbos(_phantom(), cfg, 30)
     assert np.all(np.diff(e) >= -r[1:])
     assert len(st.gauge) == 30 and np.abs(st.gauge[0]).max() > 0
     assert e[-1] == pytest.approx(_ref(prob, st, cfg), rel=1e-10, abs=1e-8)
-    # on the phantom the step climbs faster and higher than plain coordinate ascent
-    _, sg, eg, _ = _elbos(phantom_3d, R.Config(gauge_step=True), 30)
-    _, sp, ep, _ = _elbos(phantom_3d, R.Config(gauge_step=False), 30)
-    assert eg[-1] > ep[-1] + 1e-2 * abs(ep[-1])
-    # ...to where the common bias carries the background level (sqrt link: 1 in
-    # coordinate 0) and the consensus is near zero: why the step is off by default
-    assert sg.mu_b[:, 0].mean() > 0.5 > abs(sp.mu_b[:, 0].mean())
+    np.testing.assert_allclose(st.mu_b.mean(axis=0), 0.0, atol=1e-12)
+    # the step's exact maximum moves the spatial prior's mean m, not the consensus,
+    # along the common shift: the background level stays in the consensus (sqrt
+    # link: 1 in coordinate 0) and the biases stay small
+    res = R.fit(phantom_3d, R.Config(), max_iter=200, tol=1e-6, progress=False)
+    var = res.tree["variational"]
+    assert res.converged
+    assert float(var["m"][0]) > 0.5 and np.abs(var["mu_b"].values).max() < 0.1
+    ph = phantoms.make_phantom("outlier", ndim=3, shape=(60, 60, 40), random_seed=1)
+    fg = np.asarray(res.probability)[..., 1] > 0.5
+    truth = np.asarray(ph.truth) > 0.5
+    assert 2 * np.sum(fg & truth) / (fg.sum() + truth.sum()) > 0.85

@@ -32,7 +32,7 @@ def _reference_logp(cfg, data, fixed, T, b, tau, W):
     val += stats.gamma.logpdf(tau, nu.reshape(-1, 1, 1) / 2, scale=2 / nu.reshape(-1, 1, 1)).sum()
     val += stats.norm.logpdf(b, 0, 1 / np.sqrt(fixed["beta"])).sum()
     basis = R.KroneckerBasis.create(data.shape, cfg.basis_spacing)
-    mean = W.reshape(D, -1) @ basis.dense().T
+    mean = W.reshape(D, -1) @ basis.dense().T + fixed["m"][:, None]
     val += stats.norm.logpdf(Tf.T, mean, np.sqrt(fixed["sigma_T"])).sum()
     val += stats.norm.logpdf(W, 0, 1 / np.sqrt(fixed["alpha"])).sum()
     return val
@@ -41,6 +41,7 @@ def _reference_logp(cfg, data, fixed, T, b, tau, W):
 def test_explicit_model_logp_equals_scipy(small):
     cfg, data, res = small
     fixed = R.fixed_from_result(res)
+    assert np.abs(fixed["m"]).max() > 0.1  # the spatial prior's mean enters the reference below
     model = R.build_model(data, cfg, "fixed", fixed)
     assert {v.name for v in model.free_RVs} == {"T", "b", "tau", "W"}
     assert model.named_vars_to_dims["tau"] == ("rater", "x", "y")

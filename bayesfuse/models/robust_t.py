@@ -7,7 +7,8 @@ Model 1 of MODELS.md (seed 000, section 2 and supplement 1.1); card
 ``robust-t``
     Student-t likelihood (a Gaussian scale mixture with local reliabilities
     tau[n, p] ~ Gamma(nu_p/2, nu_p/2)), bias prior b_p ~ N(0, I/beta),
-    spatial prior T~[n] ~ N(W Phi_n, Sigma_T I) on Gaussian bases.
+    spatial prior T~[n] ~ N(W Phi_n + m, Sigma_T I) on Gaussian bases, with
+    a constant mean m per link coordinate.
 ``gaussian``
     the same with tau fixed to 1 (nu -> infinity).
 ``continuous-staple``
@@ -17,7 +18,7 @@ Model 1 of MODELS.md (seed 000, section 2 and supplement 1.1); card
     chosen (card, section "Continuous STAPLE").
 
 The solver is mean-field VB, q(T~) q(b) q(tau) q(W), with point estimates of
-beta, Sigma_p, nu_p, alpha and Sigma_T. Each iteration is one fused pass over
+beta, Sigma_p, nu_p, alpha, m and Sigma_T. Each iteration is one fused pass over
 the data (per voxel: q(tau) then q(T~), both exact coordinate updates, with
 the sufficient statistics of every global update accumulated on the way),
 followed by the small global updates and the spatial prior's Kronecker
@@ -25,7 +26,7 @@ algebra (:mod:`bayesfuse.spatial`). The ELBO, every term included, is
 recorded at every iteration and never decreases.
 
 Pure update functions (``update_q_tau``, ``update_q_b``, ``update_beta``,
-``update_nu``, ``update_alpha``, ``update_sigma_T``; q(T~) and Sigma_p live in
+``update_nu``, ``update_alpha``, ``update_m``, ``update_sigma_T``; q(T~) and Sigma_p live in
 :mod:`bayesfuse.gaussian`, q(W) in :mod:`bayesfuse.spatial`) state each
 update on its own; the fused pass is tested to equal their composition, and
 each of them to maximise :func:`elbo_reference` in its block.
@@ -82,7 +83,8 @@ class Config:
         by maximum likelihood with the gauge sum_p b_p = 0 when the consensus
         has a flat prior (continuous STAPLE). ``none``: b_p = 0.
     spatial_prior : bool
-        T~[n] ~ N(W Phi_n, Sigma_T I) with Gaussian bases (else a flat prior).
+        T~[n] ~ N(W Phi_n + m, Sigma_T I) with Gaussian bases and a constant
+        mean m per link coordinate (else a flat prior).
     basis_spacing, basis_width, basis_origin : float or tuple, one per axis
         Distance between basis centres, their standard deviation (default:
         the spacing) and the position of the first centre (default: half a
@@ -116,13 +118,11 @@ class Config:
         Gauss-Hermite points per coordinate for the ``consensus_sd`` map.
     gauge_step : bool
         After each iteration, maximise the ELBO exactly along the common
-        shift of the biases against the consensus and the spatial weights
-        (b_p + c, T~ - c, W - c u; card, section "Order of the updates
-        and monotonicity", eq:rt-gauge). Off by default: the ELBO's maximum
-        along that direction puts the background level of the link
-        coordinates into the biases and leaves the consensus near zero
-        (Dice 0.12 on the demo phantom, at an ELBO 10 % higher); plain
-        coordinate ascent drifts there only slowly and is stopped by tol.
+        shift of the biases against the consensus and the spatial prior's
+        mean (b_p + c, T~ - c, m - c; card, section "Order of the updates
+        and monotonicity", eq:rt-gauge): c = -mean_p mu_b, the biases
+        centred. On by default: plain coordinate ascent only creeps along
+        this direction and does not converge.
     """
 
     likelihood: Literal["student-t", "gaussian"] = "student-t"
@@ -142,7 +142,7 @@ class Config:
     min_variance: float | None = None
     storage: Literal["auto", "float32", "float64"] = "auto"
     sd_nodes: int = 5
-    gauge_step: bool = False
+    gauge_step: bool = True
 
     def __post_init__(self):
         choices = {
@@ -343,19 +343,82 @@ def update_alpha(mu_W, s_W, n_classes_dim):
     return L * n_classes_dim / (n_classes_dim * s_W.sum() + np.sum(mu_W**2))
 
 
-def update_sigma_T(sum_mu2, cross, quad_W, sum_S_diag, trace_SW_G, n_voxels, dim):
-    """Sigma_T = 1/(N D) sum_n sum_k [ (mu_T[n,k] - Phi_n' mu_W[k])^2 + S_T[n]_kk + Phi_n' S_W Phi_n ].
+def update_m(sum_mu_T, sum_prior_W, n_voxels):
+    """m_k = 1/N sum_n ( mu_T[n,k] - Phi_n' mu_W[k] ), the spatial prior's constant mean.
 
-    The squares are expanded so that no pass over the volume is needed:
-    sum_n (mu_T - Phi' mu_W)^2 = sum mu_T^2 - 2 <Phi' mu_T, mu_W> + mu_W' Phi'Phi mu_W,
+    Parameters
+    ----------
+    sum_mu_T : ndarray (D,)
+        sum_n mu_T[n, k] over every voxel of the grid.
+    sum_prior_W : ndarray (D,)
+        sum_n Phi_n' mu_W[k] (= <Psi' 1, U' mu_W[k]>: no pass over the volume).
+    n_voxels : int
+        N.
+
+    Returns
+    -------
+    ndarray (D,)
+
+    References
+    ----------
+    models/robust_t.md (eq:rt-mean)
+    """
+    return (np.asarray(sum_mu_T, float) - np.asarray(sum_prior_W, float)) / n_voxels
+
+
+def update_m_joint(sum_mu_T, z_raw, z1, s_W, sigma_T, n_voxels):
+    """m maximising the ELBO jointly with q(W), q(W) = N(S_W Phi' (mu_T - m) / Sigma_T, S_W).
+
+    With q(W) at its optimum for each m, the ELBO's terms in m are
+    -1/2 (y_k)' K^-1 y_k per coordinate, y_k = mu_T[:, k] - m_k 1 and
+    K^-1 = I / Sigma_T - Phi S_W Phi' / Sigma_T^2, so
+    m_k = 1' K^-1 mu_T[:, k] / 1' K^-1 1, in the eigenbasis of Phi' Phi:
+
+        m_k = ( sum_n mu_T[n,k] / Sigma_T - <z_1, s z_k> / Sigma_T^2 ) / ( N / Sigma_T - <z_1, s z_1> / Sigma_T^2 ),
+
+    z_k = Psi' mu_T[:, k], z_1 = Psi' 1, s the eigenvalues of S_W. The
+    result also satisfies (eq:rt-mean) with the q(W) it implies.
+
+    Parameters
+    ----------
+    sum_mu_T : ndarray (D,)
+    z_raw : ndarray (D, *basis_shape)
+        Psi' mu_T per coordinate.
+    z1 : ndarray (*basis_shape)
+        Psi' 1.
+    s_W : ndarray (*basis_shape)
+    sigma_T : float
+    n_voxels : int
+
+    Returns
+    -------
+    ndarray (D,)
+
+    References
+    ----------
+    models/robust_t.md (eq:rt-mean-joint)
+    """
+    D = z_raw.shape[0]
+    w = (z1 * s_W).reshape(-1)
+    num = np.asarray(sum_mu_T, float) / sigma_T - z_raw.reshape(D, -1) @ w / sigma_T**2
+    den = n_voxels / sigma_T - float(z1.reshape(-1) @ w) / sigma_T**2
+    return num / den
+
+
+def update_sigma_T(sum_mu2, cross, quad_W, sum_S_diag, trace_SW_G, n_voxels, dim):
+    """Sigma_T = 1/(N D) sum_n sum_k [ (y[n,k] - Phi_n' mu_W[k])^2 + S_T[n]_kk + Phi_n' S_W Phi_n ].
+
+    y = mu_T - m, the consensus less the prior's constant mean. The squares
+    are expanded so that no pass over the volume is needed:
+    sum_n (y - Phi' mu_W)^2 = sum y^2 - 2 <Phi' y, mu_W> + mu_W' Phi'Phi mu_W,
     and sum_n Phi_n' S_W Phi_n = Tr(S_W Phi' Phi) per row.
 
     Parameters
     ----------
     sum_mu2 : float
-        sum_{n,k} mu_T[n,k]^2.
+        sum_{n,k} y[n,k]^2.
     cross : float
-        sum_k <Phi' mu_T[k], mu_W[k]>.
+        sum_k <Phi' y[k], mu_W[k]>.
     quad_W : float
         sum_k mu_W[k]' Phi'Phi mu_W[k].
     sum_S_diag : float
@@ -755,6 +818,7 @@ class VBState:
     alpha: float | None = None
     sigma_T: float | None = None
     prior_mean: np.ndarray | None = None
+    m: np.ndarray | None = None  # the spatial prior's constant mean (D,)
     W_hyper: tuple = ()  # (alpha, sigma_T) q(W) was computed with
     stats: dict = field(default_factory=dict)
     elbo: list = field(default_factory=list)
@@ -766,7 +830,7 @@ class VBState:
     gauge: list = field(default_factory=list)  # the gauge step's c per iteration (D,)
     rounding: list = field(default_factory=list)  # bound on the rounding of each recorded ELBO
     largest_decrease: float = 0.0  # largest ELBO decrease beyond rounding (0: none)
-    ones_eig: np.ndarray | None = None  # Psi' 1, cached for the gauge step
+    ones_eig: np.ndarray | None = None  # Psi' 1, cached for the m and q(W) steps
 
 
 @dataclass(frozen=True)
@@ -813,10 +877,19 @@ def _storage_dtype(config: Config, kd: G.KernelData):
 
 
 # ------------------------------------------------------------ global updates
-def _prior_mean(basis: KroneckerBasis, v_W: np.ndarray, out: np.ndarray) -> None:
-    """out[d, :] = Phi mu_W[d] = Psi v_W[d] (mode products), written class by class."""
+def _prior_mean(basis: KroneckerBasis, v_W: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+    """out[d, :] = Phi mu_W[d] + m[d] = Psi v_W[d] + m[d] (mode products), written class by class."""
     for i in range(v_W.shape[0]):
-        out[i] = basis.expand_eig(v_W[i], dtype=out.dtype).reshape(-1)
+        # in float64, rounded once to the storage type: a float32 sum of Psi v
+        # and m is rounded twice, and its bias (1e-7 per voxel) moved the ELBO
+        out[i] = basis.expand_eig(v_W[i], dtype=np.float64).reshape(-1) + m[i]
+
+
+def _ones_eig(prob: "Problem", st: "VBState") -> np.ndarray:
+    """Psi' 1 (cached): the projection of a constant field, for the mean m."""
+    if st.ones_eig is None:
+        st.ones_eig = prob.basis.project_eig(np.ones(prob.shape))
+    return st.ones_eig
 
 
 def mu_W_of(prob: "Problem", st: VBState) -> np.ndarray:
@@ -825,33 +898,43 @@ def mu_W_of(prob: "Problem", st: VBState) -> np.ndarray:
 
 
 def _update_W(prob: Problem, st: VBState, config: Config) -> dict:
-    """q(W), then alpha, then Sigma_T; returns the terms the ELBO needs.
+    """q(W), then m, then alpha, then Sigma_T; returns the terms the ELBO needs.
 
-    Everything in the eigenbasis of Phi' Phi: z = U' Phi' mu_T, v = U' mu_W =
-    z s / Sigma_T, <Phi' mu_T, mu_W> = <z, v>, mu_W' Phi'Phi mu_W = sum g v^2
-    and |mu_W|^2 = |v|^2 (U is orthogonal).
+    Everything in the eigenbasis of Phi' Phi, with y = mu_T - m: z = U' Phi' y
+    = Psi' mu_T - m Psi' 1, v = U' mu_W = z s / Sigma_T, <Phi' y, mu_W> =
+    <z, v>, mu_W' Phi'Phi mu_W = sum g v^2 and |mu_W|^2 = |v|^2 (U is
+    orthogonal); sum_n Phi_n' mu_W = <Psi' 1, v> for the m step.
     """
-    basis, D = prob.basis, prob.kd.dim
-    # float64 products: the ELBO subtracts <z, v> from sum mu_T^2, both of
+    basis, D, N = prob.basis, prob.kd.dim, prob.n_voxels
+    # float64 products: the ELBO subtracts <z, v> from sum y^2, both of
     # order N; a float32 contraction's error (1e-7 of N) broke monotonicity
-    z = basis.project_eig(st.mu_T.reshape((D,) + prob.shape), dtype=np.float64)
+    z_raw = basis.project_eig(st.mu_T.reshape((D,) + prob.shape), dtype=np.float64)
+    z1 = _ones_eig(prob, st)
+    bshape = (D,) + (1,) * z1.ndim
     g = basis.gram_eigenvalues()
     s = 1.0 / (g / st.sigma_T + st.alpha)
+    sum_T = st.mu_T.sum(axis=1, dtype=np.float64)
+    # q(W) and m jointly (eq:rt-mean-joint): alternating them creeps along
+    # (m + c, W - c u), the constant level traded between the two
+    st.m = update_m_joint(sum_T, z_raw, z1, s, st.sigma_T, N)
+    z = z_raw - st.m.reshape(bshape) * z1
     v = z * (s / st.sigma_T)
     st.W_hyper = (st.alpha, st.sigma_T)
     st.v_W, st.s_W = v, s
+    glob = st.stats["glob"]
+    # sum_n (mu_T - m)^2 = sum mu_T^2 - 2 m . sum mu_T + N |m|^2, its parts kept for the rounding bound
+    y2_parts = [float(glob[1 : 1 + D].sum()), -2.0 * float(st.m @ sum_T), N * float(st.m @ st.m)]
     cross = float(np.sum(z * v))
     quad_W = float(np.sum(g * v * v))
     tr_SWG = float(np.sum(g * s))
     if config.alpha is None:
         st.alpha = float(update_alpha(v, s, D))
     if config.sigma_T is None:
-        glob = st.stats["glob"]
         st.sigma_T = max(
-            float(update_sigma_T(glob[1 : 1 + D].sum(), cross, quad_W, glob[1 + D :].sum(), tr_SWG, prob.n_voxels, D)),
+            float(update_sigma_T(sum(y2_parts), cross, quad_W, glob[1 + D :].sum(), tr_SWG, N, D)),
             config.variance_floor,
         )
-    return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG, "z": z}
+    return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG, "z": z, "y2_parts": y2_parts}
 
 
 def _init_state(prob: Problem, config: Config, dtype) -> VBState:
@@ -895,11 +978,14 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
         st.sigma_T = float(config.sigma_T) if config.sigma_T is not None else scale
         st.alpha = float(config.alpha) if config.alpha is not None else 1.0 / max(mean_sq, 1e-6)
         grid = mu_T.reshape((D,) + prob.shape)
+        # the constant mean starts at the raters' mean level, W at the fluctuation around it
+        st.m = mu_T.mean(axis=1, dtype=np.float64)
+        z1 = _ones_eig(prob, st)
         st.s_W = 1.0 / (prob.basis.gram_eigenvalues() / st.sigma_T + st.alpha)
-        st.v_W = prob.basis.project_eig(grid) * (st.s_W / st.sigma_T)
+        st.v_W = (prob.basis.project_eig(grid) - st.m.reshape((D,) + (1,) * z1.ndim) * z1) * (st.s_W / st.sigma_T)
         st.W_hyper = (st.alpha, st.sigma_T)
         st.prior_mean = np.empty((D, N), dtype=dtype)
-        _prior_mean(prob.basis, st.v_W, st.prior_mean)
+        _prior_mean(prob.basis, st.v_W, st.m, st.prior_mean)
         st.prior_prec_q = 1.0 / st.sigma_T
     return st
 
@@ -908,9 +994,9 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     """One VB iteration (in place); returns the ELBO after it.
 
     Order: fused pass [q(tau), q(T~)] -> q(b) -> beta -> Sigma_p -> nu_p ->
-    (gauge of the ML bias) -> q(W) -> alpha -> Sigma_T -> prior mean. Each
-    step maximises the ELBO in its block given the others, so the ELBO
-    never decreases.
+    (gauge of the ML bias) -> q(W) -> m -> alpha -> Sigma_T -> (gauge step)
+    -> prior mean. Each step maximises the ELBO in its block given the
+    others, so the ELBO never decreases.
     """
     kd = prob.kd
     P, D = kd.n_raters, kd.dim
@@ -960,7 +1046,7 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     if config.gauge_step:
         value += _gauge_step(prob, st, config, wterms)
     if prob.basis is not None:
-        _prior_mean(prob.basis, st.v_W, st.prior_mean)
+        _prior_mean(prob.basis, st.v_W, st.m, st.prior_mean)
     if not np.isfinite(value):
         raise FloatingPointError("robust-t: the ELBO is not finite; the data may be degenerate (e.g. all raters identical)")
     st.elbo.append(value)
@@ -984,55 +1070,33 @@ def _settle(st: VBState) -> None:
 
 
 def _gauge_step(prob: Problem, st: VBState, config: Config, wterms) -> float:
-    """Maximise the ELBO along the common shift of biases, consensus and weights; returns the gain.
+    """Maximise the ELBO along the common shift of biases, consensus and prior mean; returns the gain.
 
     Moves b_p -> b_p + c for every rater, T~ -> T~ - c at every voxel and
-    (with the spatial prior) W_k -> W_k - c_k u, u = S_W Phi' 1 / Sigma_T
-    (q(W)'s response to a constant field). The likelihood and every entropy
-    are unchanged; the priors' terms are a concave quadratic in c, maximised
-    in closed form. The shift of mu_T is left pending (``T_shift``): the
-    next pass's q(tau) step reads mu_T - c against mu_b - ... as
-    ``mu_b_tau``, and q(T~) is then recomputed from scratch.
+    (with the spatial prior) its constant mean m -> m - c. The likelihood,
+    every entropy and E log p(T~ | W, m) are unchanged; only the bias
+    prior's term moves, a concave quadratic in c maximised at
+    c = -mean_p mu_b (the biases centred). For ML biases the direction is
+    flat and the same c fixes the gauge sum_p b_p = 0 (gain 0). The shift of
+    mu_T is left pending (``T_shift``): the next pass's q(tau) step reads
+    mu_T against mu_b - c as ``mu_b_tau``, and q(T~) is then recomputed
+    from scratch.
 
     References
     ----------
     models/robust_t.md (eq:rt-gauge)
     """
-    D, P = prob.kd.dim, prob.kd.n_raters
+    P = prob.kd.n_raters
     if config.bias == "none" or (config.bias == "ml" and prob.basis is None):
         return 0.0
-    A = 0.0
-    B = np.zeros(D)
-    if config.bias == "prior":
-        A += P * st.beta
-        B -= st.beta * st.mu_b.sum(axis=0)
-    v_u = None
-    if prob.basis is not None:
-        basis = prob.basis
-        if st.ones_eig is None:
-            st.ones_eig = basis.project_eig(np.ones(prob.shape))
-        z1, g = st.ones_eig, basis.gram_eigenvalues()
-        aW, sW = st.W_hyper
-        v_u = z1 * (st.s_W / sW)
-        sT, alpha = st.sigma_T, st.alpha
-        N = prob.n_voxels
-        q11 = N - 2 * float(np.sum(z1 * v_u)) + float(np.sum(g * v_u * v_u))  # sum_n (1 - (Phi u)_n)^2
-        sum_T = st.mu_T.sum(axis=1, dtype=np.float64)
-        for k in range(D):
-            vk = st.v_W[k]
-            # sum_n (mu_T[n, k] - (Phi mu_W)[n, k]) (1 - (Phi u)_n)
-            r = sum_T[k] - float(np.sum(z1 * vk)) - float(np.sum(wterms["z"][k] * v_u)) + float(np.sum(g * vk * v_u))
-            B[k] += alpha * float(np.sum(vk * v_u)) + r / sT
-        A += alpha * float(np.sum(v_u * v_u)) + max(q11, 0.0) / sT
-    if not A > 0:
-        return 0.0
-    c = B / A
+    c = -st.mu_b.mean(axis=0)
+    gain = 0.5 * P * st.beta * float(c @ c) if config.bias == "prior" else 0.0
     st.mu_b = st.mu_b + c[None, :]
-    if v_u is not None:
-        st.v_W = st.v_W - c.reshape((D,) + (1,) * v_u.ndim) * v_u[None]
+    if prob.basis is not None:
+        st.m = st.m - c
     st.T_shift = c if st.T_shift is None else st.T_shift + c
     st.gauge.append(c)
-    return float(np.sum(B * B)) / (2 * A)
+    return gain
 
 
 def _elbo_fast(prob: Problem, st: VBState, config: Config, wterms) -> tuple[float, float]:
@@ -1069,7 +1133,7 @@ def _elbo_fast(prob: Problem, st: VBState, config: Config, wterms) -> tuple[floa
         sT, alpha = st.sigma_T, st.alpha
         s = st.s_W
         L = s.size
-        parts = [glob[1 : 1 + D].sum(), -2 * wterms["cross"], wterms["quad_W"], glob[1 + D :].sum(), D * wterms["tr_SWG"]]
+        parts = [*wterms["y2_parts"], -2 * wterms["cross"], wterms["quad_W"], glob[1 + D :].sum(), D * wterms["tr_SWG"]]
         terms += [-0.5 * N * D * math.log(2 * math.pi * sT), -0.5 * sum(parts) / sT]
         terms += [D * 0.5 * L * math.log(alpha / (2 * math.pi)) - 0.5 * alpha * (np.sum(st.v_W**2) + D * s.sum())]
         terms += [D * (0.5 * L * (1 + LOG2PI) + 0.5 * np.log(s).sum())]
@@ -1292,6 +1356,7 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
         bdims = tuple(f"basis_{d}" for d in sdims)
         variational["mu_W"] = (("class",) + bdims, mu_W_of(prob, st))
         variational["s_W"] = (bdims, st.s_W)
+        variational["m"] = (("class",), st.m)
         hyper.update(alpha=st.alpha, sigma_T=st.sigma_T, W_alpha=st.W_hyper[0], W_sigma_T=st.W_hyper[1])
     for k, v in hyper.items():
         variational[k] = ((), float(v))
@@ -1399,7 +1464,8 @@ def dense_q(prob: Problem, st: VBState, config: Config) -> dict:
 
 def hyper_of(st: VBState) -> dict:
     """The point-estimated hyperparameters of a state."""
-    return {"Sigma": st.Sigma.copy(), "nu": st.nu.copy(), "beta": st.beta, "alpha": st.alpha, "sigma_T": st.sigma_T}
+    return {"Sigma": st.Sigma.copy(), "nu": st.nu.copy(), "beta": st.beta, "alpha": st.alpha, "sigma_T": st.sigma_T,
+            "m": None if st.m is None else st.m.copy()}
 
 
 def elbo_reference(Dt: np.ndarray, q: dict, hyper: dict, config: Config, Phi: np.ndarray | None = None,
@@ -1418,7 +1484,8 @@ def elbo_reference(Dt: np.ndarray, q: dict, hyper: dict, config: Config, Phi: np
         Student-t: ``a``, ``c`` (P, N), the Gamma shape and rate of each
         q(tau[n, p]); spatial prior: ``mu_W`` (D, L), ``S_W`` (L, L).
     hyper : dict
-        ``Sigma`` (P, D, D), ``nu`` (P,), ``beta``, ``alpha``, ``sigma_T``.
+        ``Sigma`` (P, D, D), ``nu`` (P,), ``beta``, ``alpha``, ``sigma_T``,
+        ``m`` (D,) (the spatial prior's constant mean; zero if absent).
     config : Config
     Phi : ndarray (N, L), optional
         Dense basis matrix (spatial prior).
@@ -1456,7 +1523,8 @@ def elbo_reference(Dt: np.ndarray, q: dict, hyper: dict, config: Config, Phi: np
         sT, alpha = hyper["sigma_T"], hyper["alpha"]
         mu_W, S_W = q["mu_W"], q["S_W"]
         L = S_W.shape[0]
-        m = mu_W @ Phi.T  # (D, N)
+        m0 = hyper.get("m")
+        m = mu_W @ Phi.T + (0.0 if m0 is None else np.asarray(m0, float)[:, None])  # (D, N)
         spread = np.einsum("nl,lm,nm->n", Phi, S_W, Phi)
         sq = (mu_T - m) ** 2 + np.diagonal(S_T, axis1=1, axis2=2).T + spread[None]
         val += float(np.sum(-0.5 * np.log(2 * np.pi * sT) - 0.5 * sq / sT))
@@ -1560,7 +1628,7 @@ def fixed_from_result(result: FusionResult) -> dict:
     """The point-estimated hyperparameters of a VB result, to pin in :func:`build_model`.
 
     Returns ``Sigma`` (P, D, D), ``nu`` (P,) (Student-t), ``beta``
-    (bias prior), ``alpha`` and ``sigma_T`` (spatial prior), and ``b``
+    (bias prior), ``alpha``, ``sigma_T`` and ``m`` (D,) (spatial prior), and ``b``
     (P, D) for maximum-likelihood biases (a parameter, not a latent
     variable, in that variant).
     """
@@ -1572,6 +1640,8 @@ def fixed_from_result(result: FusionResult) -> dict:
     for k in ("beta", "alpha", "sigma_T"):
         if k in var:
             out[k] = float(var[k].values)
+    if "m" in var:
+        out["m"] = var["m"].values.astype(float)
     if cfg.get("bias") == "ml":
         out["b"] = var["mu_b"].values.astype(float)
     return out
@@ -1597,12 +1667,14 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         supported here (crop instead).
     config : Config, optional
     hyper : {"fixed", "prior"}
-        ``"fixed"`` pins Sigma_p, nu_p, beta, alpha, Sigma_T (and the ML
-        biases of ``continuous-staple``) at ``fixed``, so that NUTS samples
-        exactly the posterior the VB approximates. ``"prior"`` puts weak
-        priors on them instead: LKJ (eta = 2) with half-normal scales on each
-        Sigma_p, Gamma(2, 0.1) on nu_p, Gamma(1, 1e-3)-like weak priors on the
-        precisions beta and alpha, a half-normal on sqrt(Sigma_T).
+        ``"fixed"`` pins Sigma_p, nu_p, beta, alpha, Sigma_T, the spatial
+        prior's mean m (and the ML biases of ``continuous-staple``) at
+        ``fixed``, so that NUTS samples exactly the posterior the VB
+        approximates. ``"prior"`` puts weak priors on them instead: LKJ
+        (eta = 2) with half-normal scales on each Sigma_p, Gamma(2, 0.1) on
+        nu_p, Gamma(1, 1e-3)-like weak priors on the precisions beta and
+        alpha, a half-normal on sqrt(Sigma_T), a flat prior on m (as in the
+        solver, where m is a point estimate under a flat prior).
     fixed : dict, optional
         Values for ``hyper="fixed"`` (see :func:`fixed_from_result`);
         default: those of a VB fit of ``data`` with ``config``.
@@ -1656,6 +1728,7 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             beta = fixed.get("beta")
             alpha = fixed.get("alpha")
             sigma_T = fixed.get("sigma_T")
+            m_mean = pt.as_tensor(np.asarray(fixed.get("m", np.zeros(D)), float)) if basis is not None else None
         else:
             chols = []
             for p in range(P):
@@ -1670,12 +1743,13 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             beta = pm.Gamma("beta", 1.0, 1e-3) if config.bias == "prior" else None
             alpha = pm.Gamma("alpha", 1.0, 1e-3) if basis is not None else None
             sigma_T = pm.HalfNormal("sigma_T_sd", 1.0) ** 2 if basis is not None else None
+            m_mean = pm.Flat("m", dims="class") if basis is not None else None
         # consensus in link space
         if basis is not None:
             L = basis.n_basis
             W = pm.Normal("W", 0.0, 1.0 / pt.sqrt(alpha), dims=("class",) + tuple(f"basis_{d}" for d in sdims))
             Phi = pt.as_tensor(basis.dense())  # small grids only (the PyMC form is for downsampled data)
-            mean = (W.reshape((D, L)) @ Phi.T).T.reshape(shape + (D,))
+            mean = ((W.reshape((D, L)) @ Phi.T).T + m_mean[None, :]).reshape(shape + (D,))
             T = pm.Normal("T", mean, pt.sqrt(sigma_T), dims=sdims + ("class",))
         else:
             T = pm.Flat("T", dims=sdims + ("class",))
