@@ -1,8 +1,9 @@
 """Separable Gaussian bases on a regular grid, with Kronecker algebra.
 
 The robust model's spatial prior (``models/robust_t.md``, section "Spatial
-prior") writes the consensus as T~[n] ~ N(W Phi_n, Sigma_T I) with L Gaussian
-bases centred on a regular (staggered) grid. On a regular grid of voxels the
+prior") writes the consensus as T~[n] ~ N(W Phi_n + m, Sigma_T I) with L Gaussian
+bases centred on a regular (staggered) grid and a constant mean m per link
+coordinate (the callers pass mu_T - m to the functions here). On a regular grid of voxels the
 bases are separable,
 
     Phi = Phi_1 (x) Phi_2 (x) ... (x) Phi_d      (N x L, never formed)

@@ -85,7 +85,10 @@ def test_float32_projection_breaks_the_elbo(phantom_3d, monkeypatch):
     _, _, e32, _ = _elbos(phantom_3d, R.Config(storage="float32"), 40)
     monkeypatch.undo()
     _, _, e64, _ = _elbos(phantom_3d, R.Config(storage="float64"), 40)
-    assert np.abs(e32 - e64).max() > 1e-7 * np.abs(e64).max()
+    # the float32 contraction puts the ELBO 6.9e-6 (relative) off float64's on this
+    # phantom, against 8.0e-7 with the float64 projection: above the 2e-6 the
+    # storage test above allows, so that test fails if the projection regresses
+    assert np.abs(e32 - e64).max() > 3e-6 * np.abs(e64).max()
 
 
 def test_gauge_step_is_exact_and_centres_the_biases(phantom_3d):
