@@ -56,8 +56,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,7 +65,8 @@ import numpy as np
 import pandas as pd
 
 from .data import RaterMaps
-from .errors import ConfigError, InputError, OutputExistsError
+from .errors import ConfigError, InputError
+from .io import check_outputs, write_staged
 
 #: Metrics in ``scores.csv``, and whether larger is better.
 METRICS = {"dice": True, "hd95": False, "hausdorff": False, "soft_dice": True}
@@ -652,7 +651,7 @@ def compare_cases(
     if to_prob not in TO_PROB:
         raise ConfigError(f"unknown conversion {to_prob!r}; choose one of {', '.join(TO_PROB)}")
     out = Path(out_dir)
-    _check_out(out, force)
+    check_outputs(out, OUTPUTS, force)
     settings = Settings(methods=runs, reference=reference, leave_one_rater_out=leave_one_rater_out, to_prob=to_prob,
                         to_prob_options=dict(to_prob_options or {}), max_iter=max_iter, tol=tol,
                         random_seed=random_seed, **(_settings_extra or {}))
@@ -733,26 +732,13 @@ def compare(
 
 
 # ------------------------------------------------------------------ output
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder")
-    clash = [n for n in OUTPUTS if (out / n).exists()]
-    if clash and not force:
-        raise OutputExistsError(f"{out / clash[0]}: exists; use --force to overwrite")
-
-
 def _write(out: Path, scores, summary, tests, study, title, force) -> None:
     """All outputs into a staging folder, then moved into place together."""
-    _check_out(out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-compare-", dir=out))
-    try:
+    def fill(stage: Path) -> None:
         scores.to_csv(stage / "scores.csv", index=False, float_format="%.6g")
         summary.to_csv(stage / "summary.csv", index=False, float_format="%.6g")
         tests.to_csv(stage / "wilcoxon.csv", index=False, float_format="%.6g")
         plot_boxes(scores, tests, stage / "boxplots.png", title=title)
         (stage / "study.json").write_text(json.dumps(study, indent=1, default=str))
-        for n in OUTPUTS:
-            os.replace(stage / n, out / n)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+    write_staged(out, OUTPUTS, force, fill, prefix=".bayesfuse-compare-")

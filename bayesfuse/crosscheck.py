@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -392,6 +390,7 @@ class CrossCheck:
     def write(self, out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
         """Write :data:`OUTPUTS` into ``out_dir`` atomically (staged, then moved)."""
         from . import crosscheck_figures as figs
+        from .io import write_staged
         from .result import write_tree
 
         def fill(stage: Path) -> None:
@@ -399,27 +398,7 @@ class CrossCheck:
             write_tree(self.tree(), stage / "crosscheck.nc")
             figs.save_all(self, stage)
 
-        return write_staged(out_dir, OUTPUTS, force, fill)
-
-
-def write_staged(out_dir, names, force: bool, fill) -> list[Path]:
-    """Refuse to overwrite (unless ``force``), let ``fill(stage)`` write ``names``
-    into a staging folder inside ``out_dir``, then move them into place: an
-    interruption leaves the old files or the new ones, never half of them."""
-    from .commands.common import check_out_dir
-
-    out = check_out_dir(out_dir, list(names), force)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-check-", dir=out))
-    try:
-        fill(stage)
-        written = []
-        for n in names:
-            os.replace(stage / n, out / n)
-            written.append(out / n)
-        return written
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        return write_staged(out_dir, OUTPUTS, force, fill, prefix=".bayesfuse-check-")
 
 
 # ------------------------------------------------------------ comparison

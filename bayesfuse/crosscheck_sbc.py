@@ -91,7 +91,7 @@ class SBC:
                              figure_kwargs={"figsize": (3.2 * min(n, 4), 2.8 * rows), "layout": "constrained"})
 
     def write(self, out_dir, force: bool = False) -> list[Path]:
-        from .crosscheck import write_staged
+        from .io import write_staged
         from .figures import _plt
         from .result import write_tree
 
@@ -101,7 +101,7 @@ class SBC:
             self.figure().savefig(stage / "sbc_ecdf_pit.png", dpi=90)
             _plt().close("all")
 
-        return write_staged(out_dir, OUTPUTS, force, fill)
+        return write_staged(out_dir, OUTPUTS, force, fill, prefix=".bayesfuse-check-")
 
 
 def _stack(da: xr.DataArray) -> np.ndarray:

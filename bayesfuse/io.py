@@ -320,3 +320,45 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_outputs(out_dir: str | os.PathLike, names: Sequence[str], force: bool) -> Path:
+    """Refuse to overwrite any of ``names`` in ``out_dir`` unless ``force``.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``out_dir`` is a file, or an output exists and ``force`` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder")
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not force:
+        raise OutputExistsError(f"{out / clash[0]}: exists; use --force to overwrite")
+    return out
+
+
+def write_staged(out_dir: str | os.PathLike, names: Sequence[str], force: bool, fill,
+                 prefix: str = ".bayesfuse-") -> list[Path]:
+    """Write a set of outputs all or nothing.
+
+    Refuses to overwrite (unless ``force``), lets ``fill(stage)`` write
+    ``names`` into a staging folder inside ``out_dir``, then moves them into
+    place: an interruption leaves the old files or the new ones, never half
+    of them.
+    """
+    import shutil
+
+    out = check_outputs(out_dir, names, force)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=out))
+    try:
+        fill(stage)
+        written = []
+        for n in names:
+            os.replace(stage / n, out / n)
+            written.append(out / n)
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

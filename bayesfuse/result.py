@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +39,6 @@ import pandas as pd
 import xarray as xr
 
 from .data import SPATIAL_DIMS, RaterMaps
-from .errors import OutputExistsError
 
 #: The files :meth:`FusionResult.save` always writes.
 CORE_OUTPUTS = ("consensus.nii.gz", "labels.nii.gz", "raters.csv", "result.nc")
@@ -308,36 +305,22 @@ class FusionResult:
         """
         from . import io
 
-        out = Path(out_dir)
-        names = self.output_files()
-        if out.exists() and not out.is_dir():
-            raise OutputExistsError(f"{out}: exists and is not a folder")
-        clash = [n for n in names if (out / n).exists()]
-        if clash and not force:
-            raise OutputExistsError(f"{out / clash[0]}: exists; use --force (force=True) to overwrite")
-        out.mkdir(parents=True, exist_ok=True)
         if self._checksum_source is not None:
+            io.check_outputs(out_dir, self.output_files(), force)  # before hashing the input
             self.tree.attrs["input_checksum"] = self._checksum_source.checksum()
             self._checksum_source = None
-        stage = Path(tempfile.mkdtemp(prefix=".bayesfuse-", dir=out))
-        try:
-            aff = self.affine
-            sdims = self.spatial_dims
-            cons = self.consensus
-            io.write_nifti(stage / "consensus.nii.gz", _spatial_last(cons, sdims), aff, spatial_ndim=len(sdims), description=f"bayesfuse {self.method} consensus")
+        aff, sdims = self.affine, self.spatial_dims
+
+        def fill(stage: Path) -> None:
+            io.write_nifti(stage / "consensus.nii.gz", _spatial_last(self.consensus, sdims), aff, spatial_ndim=len(sdims), description=f"bayesfuse {self.method} consensus")
             io.write_nifti(stage / "labels.nii.gz", self.labels.values, aff, description=f"bayesfuse {self.method} labels")
             self.raters.to_csv(stage / "raters.csv", index_label="rater")
             write_tree(self.tree, stage / "result.nc")
             if "maps" in self.tree.children:
                 for v, da in self.tree["maps"].data_vars.items():
                     io.write_nifti(stage / f"{v}.nii.gz", _spatial_last(da, sdims), aff, spatial_ndim=len(sdims), description=str(da.attrs.get("description", f"bayesfuse {self.method} {v}")))
-            written = []
-            for n in names:
-                os.replace(stage / n, out / n)
-                written.append(out / n)
-            return written
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+
+        return io.write_staged(out_dir, self.output_files(), force, fill)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionResult":

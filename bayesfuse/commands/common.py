@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
@@ -70,10 +70,6 @@ def parse_pairs(pairs: list[str], what: str) -> dict:
 
 def check_out_dir(out: str | Path, names: list[str], force: bool) -> Path:
     """Refuse to overwrite before any work is done (save() checks again)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder")
-    clash = [n for n in names if (out / n).exists()]
-    if clash and not force:
-        raise OutputExistsError(f"{out / clash[0]}: exists; use --force to overwrite")
-    return out
+    from ..io import check_outputs
+
+    return check_outputs(out, names, force)
