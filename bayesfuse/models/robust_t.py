@@ -994,9 +994,9 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     """One VB iteration (in place); returns the ELBO after it.
 
     Order: fused pass [q(tau), q(T~)] -> q(b) -> beta -> Sigma_p -> nu_p ->
-    (gauge of the ML bias) -> q(W) -> m -> alpha -> Sigma_T -> (gauge step)
-    -> prior mean. Each step maximises the ELBO in its block given the
-    others, so the ELBO never decreases.
+    q(W) -> m -> alpha -> Sigma_T -> gauge step (always for the ML bias
+    without the spatial prior) -> prior mean. Each step maximises the ELBO
+    in its block given the others, so the ELBO never decreases.
     """
     kd = prob.kd
     P, D = kd.n_raters, kd.dim
@@ -1032,18 +1032,14 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     if config.robust and config.nu is None:
         elog = n_obs * special.digamma(st.a_tau) - slogc
         st.nu = update_nu(elog - sw, n_obs, config.nu_bounds)
-    # The ML bias is only defined up to a common shift (T~ + c, b - c) when T~
-    # has a flat prior: fix sum_p b_p = 0. The likelihood, the entropy of
-    # q(T~) and every sum the ELBO uses are unchanged by the shift.
-    if config.bias == "ml" and prob.basis is None:
-        shift = st.mu_b.mean(axis=0)
-        st.mu_b = st.mu_b - shift
-        st.mu_T += shift[:, None].astype(st.mu_T.dtype)
     wterms = None
     if prob.basis is not None:
         wterms = _update_W(prob, st, config)
     value, scale = _elbo_fast(prob, st, config, wterms)
-    if config.gauge_step:
+    # The ML bias with a flat prior on T~ is only defined up to the common
+    # shift (T~ + c, b - c): the gauge step fixes sum_p b_p = 0 whether or not
+    # it is asked for (gain 0), with the shift of mu_T left pending.
+    if config.gauge_step or (config.bias == "ml" and prob.basis is None):
         value += _gauge_step(prob, st, config, wterms)
     if prob.basis is not None:
         _prior_mean(prob.basis, st.v_W, st.m, st.prior_mean)
@@ -1087,7 +1083,7 @@ def _gauge_step(prob: Problem, st: VBState, config: Config, wterms) -> float:
     models/robust_t.md (eq:rt-gauge)
     """
     P = prob.kd.n_raters
-    if config.bias == "none" or (config.bias == "ml" and prob.basis is None):
+    if config.bias == "none":
         return 0.0
     c = -st.mu_b.mean(axis=0)
     gain = 0.5 * P * st.beta * float(c @ c) if config.bias == "prior" else 0.0
