@@ -32,19 +32,18 @@ import time
 
 import numpy as np
 
+import _memory  # benchmarks/ is sys.path[0] when run as a script
+from _memory import status_kib
+
 
 def rss_kib(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return status_kib(field)
 
 
 def reset_peak() -> bool:
+    """Reset the high-water mark; False where /proc/self/clear_refs is not writable."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        _memory.reset_peak()
         return True
     except OSError:
         return False
