@@ -100,7 +100,7 @@ def test_elbo_never_decreases_with_three_classes_and_a_roi():
 
 # ------------------------------------------------- fused pass vs pure updates
 def test_fused_iteration_equals_the_pure_updates():
-    cfg = CONFIGS["student-t"]
+    cfg = R.Config(basis_spacing=3.0, relax=1.0)  # plain coordinate ascent (the over-relaxed steps below)
     prob, st = _run(_phantom(), cfg, iters=5)
     Dt = prob.kd.coords()
     q0, h0 = R.dense_q(prob, st, cfg), R.hyper_of(st)
@@ -135,6 +135,81 @@ def test_fused_iteration_equals_the_pure_updates():
     np.testing.assert_allclose(m, R.update_m(mu_T.sum(1), PhiW.sum(1), prob.n_voxels), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(st.prior_mean, PhiW + st.m[:, None], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(R.S_T_of(prob, st, cfg), S_T, rtol=1e-10)
+
+
+def test_over_relaxed_iteration_moves_the_means_past_the_pure_updates():
+    cfg = R.Config(basis_spacing=3.0, relax=1.8)
+    prob, st = _run(_phantom(), cfg, iters=5)
+    assert st.W_relax[0] == 1.0 and max(st.W_relax) > 1.0  # the first step plain, then over-relaxed
+    q0, h0 = R.dense_q(prob, st, cfg), R.hyper_of(st)
+    a, c = R.update_q_tau(prob.kd.coords(), q0["mu_T"], q0["S_T"], q0["mu_b"], q0["S_b"], h0["Sigma"], h0["nu"])
+    tau = a[:, None] / c
+    prior_mean = R.mu_W_of(prob, st).reshape(2, -1) @ prob.basis.dense().T + h0["m"][:, None]
+    mu_T, _, S_T = G.update_q_T(prob.kd, tau, h0["Sigma"], q0["mu_b"], st.sigma_T, prior_mean, return_cov=True)
+    R.iterate(prob, st, cfg)
+    np.testing.assert_allclose(st.tau, tau, rtol=1e-10)  # q(tau) is the plain update
+    # the mean moves 1.8 times the way to the optimum (the stored mu_T, before the gauge shift); S_T is the optimum
+    np.testing.assert_allclose(st.mu_T, q0["mu_T"] + 1.8 * (mu_T - q0["mu_T"]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(R.S_T_of(prob, st, cfg), S_T, rtol=1e-10)
+    assert np.abs(mu_T - q0["mu_T"]).max() > 1e-6  # the test can see the difference
+
+
+def _quadratic_in_step(f):
+    """f(eta) along a line through a block's optimum (eta = 1) from its current value (eta = 0)."""
+    f0, f1 = f(0.0), f(1.0)
+    assert f1 > f0 + 1e-9  # not at the optimum already: the identity below has something to show
+    for eta in (0.5, 1.5, 1.8, 1.99, 2.5):
+        # a concave quadratic with its maximum at 1: f(eta) = f(1) - (1 - eta)^2 (f(1) - f(0))
+        assert f(eta) == pytest.approx(f1 - (1 - eta) ** 2 * (f1 - f0), rel=1e-9, abs=1e-7)
+    assert f(1.99) >= f0 and f(2.5) < f0  # ascent exactly for eta in [0, 2]
+
+
+def test_over_relaxed_mean_steps_raise_the_elbo_for_factors_below_two():
+    cfg = R.Config(basis_spacing=4.5)
+    prob, st = _run(_phantom(shape=(8, 9), P=3), cfg, iters=3)
+    q, h = R.dense_q(prob, st, cfg), R.hyper_of(st)
+    tau = q["a"] / q["c"]
+    basis = prob.basis
+    Phi = basis.dense()
+    pm = R.mu_W_of(prob, st).reshape(2, -1) @ Phi.T + h["m"][:, None]
+    mu, _, S = G.update_q_T(prob.kd, tau, h["Sigma"], q["mu_b"], h["sigma_T"], pm, return_cov=True)
+    n = 17
+
+    def f_T(eta):  # q(T~[n]): the covariance at its optimum, the mean over-relaxed (eq:rt-overrelax)
+        qq = dict(q, mu_T=q["mu_T"].copy(), S_T=q["S_T"].copy())
+        qq["mu_T"][:, n] = q["mu_T"][:, n] + eta * (mu[:, n] - q["mu_T"][:, n])
+        qq["S_T"][n] = S[n]
+        return _ref(prob, st, cfg, qq, h)
+
+    _quadratic_in_step(f_T)
+    # (q(W), m) jointly: S_W at its optimum, the mean and m over-relaxed from the current ones
+    z1 = basis.project_eig(np.ones(prob.shape))
+    z_raw = basis.project_eig(q["mu_T"].reshape((2,) + prob.shape))
+    s = 1.0 / (basis.gram_eigenvalues() / h["sigma_T"] + h["alpha"])
+    m_opt = R.update_m_joint(q["mu_T"].sum(1), z_raw, z1, s, h["sigma_T"], prob.n_voxels)
+    W_opt, _ = basis.posterior(basis.project((q["mu_T"] - m_opt[:, None]).reshape((2,) + prob.shape)), h["alpha"], h["sigma_T"])
+    Ud = np.kron(basis.U[0], basis.U[1])
+    S_W = (Ud * s.reshape(-1)) @ Ud.T
+    W0 = q["mu_W"]
+
+    def f_W(eta):
+        W = W0 + eta * (W_opt.reshape(2, -1) - W0)
+        return _ref(prob, st, cfg, dict(q, mu_W=W, S_W=S_W), dict(h, m=h["m"] + eta * (m_opt - h["m"])))
+
+    _quadratic_in_step(f_W)
+
+
+def test_refused_over_relaxed_W_steps_keep_the_elbo_rising(monkeypatch):
+    # factors that grow tenfold go far past 2: the ELBO refuses some, and the
+    # recorded ELBO still never falls and is that of the state
+    monkeypatch.setattr(R, "RELAX_GROWTH", 10.0)
+    monkeypatch.setattr(R, "RELAX_MAX", 1e4)
+    cfg = R.Config(basis_spacing=3.0)
+    prob, st = _run(_phantom(), cfg, iters=40)
+    e = np.asarray(st.elbo)
+    assert st.W_rejected > 0  # steps of 18 (1.8 x 10) were tried and refused, then taken plainly
+    assert np.all(np.diff(e) >= -1e-9 * np.abs(e[1:]))
+    assert e[-1] == pytest.approx(_ref(prob, st, cfg), rel=1e-10, abs=1e-8)
 
 
 # ------------------------------------- each update maximises its ELBO block
@@ -310,9 +385,11 @@ def test_nu_to_infinity_gives_the_gaussian_model():
     data = _phantom()
     # the same 60 iterations for both (tol=0; they agree to 6e-8 there, and by 120
     # the slow drift along the bias gauge has amplified the 1e-9 difference): with nu = 1e9 the ELBO's
-    # nu terms (~1e11) cancel, so its rounding (~1e-5) can stop a tol run early
-    res_t = R.fit(data, R.Config(nu=1e9, basis_spacing=3.0), max_iter=60, tol=0.0, progress=False)
-    res_g = R.fit(data, R.Config(likelihood="gaussian", basis_spacing=3.0), max_iter=60, tol=0.0, progress=False)
+    # nu terms (~1e11) cancel, so its rounding (~1e-5) can stop a tol run early. Plain coordinate
+    # ascent (relax = 1) in both: the over-relaxed (q(W), m) factor beyond 2 is accepted or
+    # refused by comparing ELBOs, and that rounding can make the two paths take different steps
+    res_t = R.fit(data, R.Config(nu=1e9, basis_spacing=3.0, relax=1.0), max_iter=60, tol=0.0, progress=False)
+    res_g = R.fit(data, R.Config(likelihood="gaussian", basis_spacing=3.0, relax=1.0), max_iter=60, tol=0.0, progress=False)
     np.testing.assert_allclose(res_t.tree["variational"]["mu_T"], res_g.tree["variational"]["mu_T"], atol=1e-5)
     np.testing.assert_allclose(res_t.tree["raters"]["covariance"], res_g.tree["raters"]["covariance"], rtol=1e-4)
     np.testing.assert_allclose(res_t.tree["maps"]["tau"], 1.0, atol=1e-6)
