@@ -224,6 +224,11 @@ def main() -> None:
     print(f"memory held by input + fit at the peak: {held / 2**10:.0f} MiB = {held * 1024 / input_bytes:.2f} x the input's float32 size"
           f" (fit alone: {(peak_kib - before_kib) * 1024 / input_bytes:.2f} x)")
     print(f"nu: {np.round(res.raters['nu'].values, 2).tolist()}; mean E[tau]: {np.round(res.raters['mean_tau'].values, 3).tolist()}")
+    opt = res.tree["optimizer"]
+    if "relax_W" in opt:
+        f = opt["relax_W"].values
+        print(f"over-relaxation: omega {opt.attrs['relax']:g} for q(T~); (q(W), m) factor above 2 on {int(np.sum(f > 2))} of {f.size} iterations "
+              f"(largest {f.max():g}), {opt.attrs['relax_W_refused']} refused; final ELBO {float(opt['objective'][-1]):.10g}")
 
 
 if __name__ == "__main__":
