@@ -152,6 +152,13 @@ def test_over_relaxed_iteration_moves_the_means_past_the_pure_updates():
     np.testing.assert_allclose(st.mu_T, q0["mu_T"] + 1.8 * (mu_T - q0["mu_T"]), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(R.S_T_of(prob, st, cfg), S_T, rtol=1e-10)
     assert np.abs(mu_T - q0["mu_T"]).max() > 1e-6  # the test can see the difference
+    # what the q(T~) steps gave up against plain ones, (1 - 1.8)^2 sum_n 1/2 d' S_T^-1 d (the stop
+    # rule adds it back; the (q(W), m) step's part, computed in the eigenbasis, comes on top)
+    d = mu_T - q0["mu_T"]
+    short_T = 0.64 * 0.5 * np.einsum("in,nij,jn->", d, np.linalg.inv(S_T), d)
+    w_part = st.relax_gap[-1] - short_T
+    assert short_T > 0 and -1e-9 * short_T <= w_part
+    assert (w_part > 0) == (st.W_relax[-1] != 1.0)
 
 
 def _quadratic_in_step(f):

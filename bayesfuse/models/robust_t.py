@@ -483,6 +483,7 @@ def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_ta
     sS = np.zeros((nb, P, D, D))
     slogc = np.zeros((nb, P))
     glob = np.zeros((nb, 1 + 2 * D))  # sum log|S_T|, sum mu_T^2 per k, sum S_T[k, k] per k
+    short = np.zeros(nb)  # ELBO the over-relaxed mean steps give up against plain ones (eq:rt-overrelax)
     var_prior = 1.0 / prior_prec if prior_prec > 0 else 0.0
     logdet_prior = D * math.log(var_prior) if prior_prec > 0 else 0.0
     for ib in prange(nb):
@@ -503,6 +504,7 @@ def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_ta
                     mi = prior_mean[i, n] if has_mean else 0.0
                     if relax != 1.0:
                         old = mu_T[i, n] - (mu_b[0, i] - mu_b_tau[0, i])
+                        short[ib] += (1.0 - relax) ** 2 * 0.5 * prior_prec * (mi - old) ** 2
                         mi = old + relax * (mi - old)
                     mu_T[i, n] = mi
                     mi = mu_T[i, n]
@@ -558,11 +560,19 @@ def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_ta
             G.chol_solve(L, h, m, D)
             G.chol_inverse(L, Sn, D)
             glob[ib, 0] -= ld
+            if relax != 1.0:
+                # over-relaxed step from q(T~[n])'s current mean (in the bias's gauge); the
+                # plain step's block gain is 1/2 d' Lambda d (d = optimum - current)
+                for i in range(D):
+                    e[i] = m[i] - (mu_T[i, n] - (mu_b[0, i] - mu_b_tau[0, i]))
+                gq = 0.0
+                for i in range(D):
+                    for j in range(D):
+                        gq += e[i] * lam[i, j] * e[j]
+                short[ib] += (1.0 - relax) ** 2 * 0.5 * gq
+                for i in range(D):
+                    m[i] = m[i] - e[i] + relax * e[i]
             for i in range(D):
-                if relax != 1.0:
-                    # over-relaxed step from q(T~[n])'s current mean (in the bias's gauge)
-                    old = mu_T[i, n] - (mu_b[0, i] - mu_b_tau[0, i])
-                    m[i] = old + relax * (m[i] - old)
                 mu_T[i, n] = m[i]
                 m[i] = mu_T[i, n]  # as stored
                 glob[ib, 1 + i] += m[i] * m[i]
@@ -578,7 +588,7 @@ def _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_ta
                     for j in range(D):
                         s2[ib, p, i, j] += tp * e[i] * e[j]
                         sS[ib, p, i, j] += tp * Sn[i, j]
-    return sw.sum(0), s1.sum(0), s2.sum(0), sS.sum(0), slogc.sum(0), glob.sum(0)
+    return sw.sum(0), s1.sum(0), s2.sum(0), sS.sum(0), slogc.sum(0), glob.sum(0), short.sum()
 
 
 #: LLVM flags of the D = 2 pass: reassociation lets the per-rater loops over a
@@ -630,6 +640,7 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_t
     nb = (N + block - 1) // block
     acc = np.zeros((nb, P, 10))  # sw, s1[2], s2[00, 01, 11], sS[00, 01, 11], slogc
     glob = np.zeros((nb, 5))  # sum log|S_T|, sum mu_T^2 [2], sum S_T[k, k] [2]
+    short = np.zeros(nb)  # ELBO the over-relaxed mean steps give up against plain ones (eq:rt-overrelax)
     s00, s01, s11 = Sinv[:, 0, 0].copy(), Sinv[:, 0, 1].copy(), Sinv[:, 1, 1].copy()
     q00, q01, q11 = Sinv_prev[:, 0, 0].copy(), Sinv_prev[:, 0, 1].copy(), Sinv_prev[:, 1, 1].copy()
     b0, b1 = mu_b[:, 0].copy(), mu_b[:, 1].copy()
@@ -715,6 +726,7 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_t
         g2 = 0.0
         g3 = 0.0
         g4 = 0.0
+        g5 = 0.0
         for j in range(B):
             det = l00[j] * l11[j] - l01[j] * l01[j]
             S00 = l11[j] / det
@@ -723,11 +735,13 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_t
             m0 = S00 * h0[j] + S01 * h1[j]
             m1 = S01 * h0[j] + S11 * h1[j]
             if relax != 1.0:
-                # over-relaxed step from q(T~[n])'s current mean (in the bias's gauge)
-                o0 = mu_T[0, n0 + j] - sh0
-                o1 = mu_T[1, n0 + j] - sh1
-                m0 = o0 + relax * (m0 - o0)
-                m1 = o1 + relax * (m1 - o1)
+                # over-relaxed step from q(T~[n])'s current mean (in the bias's gauge); the
+                # plain step's block gain is 1/2 d' Lambda d (d = optimum - current)
+                dd0 = m0 - (mu_T[0, n0 + j] - sh0)
+                dd1 = m1 - (mu_T[1, n0 + j] - sh1)
+                g5 += 0.5 * (l00[j] * dd0 * dd0 + 2.0 * l01[j] * dd0 * dd1 + l11[j] * dd1 * dd1)
+                m0 = m0 - dd0 + relax * dd0
+                m1 = m1 - dd1 + relax * dd1
             mu_T[0, n0 + j] = m0
             mu_T[1, n0 + j] = m1
             m0 = mu_T[0, n0 + j]  # as stored (rounded when float32)
@@ -747,6 +761,7 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_t
         glob[ib, 2] = g2
         glob[ib, 3] = g3
         glob[ib, 4] = g4
+        short[ib] = (1.0 - relax) ** 2 * g5
         for p in range(P):
             a0 = 0.0
             a1 = 0.0
@@ -787,7 +802,7 @@ def _vb_pass2(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_t
     for p in range(P):
         s2[p, 0, 0], s2[p, 0, 1], s2[p, 1, 0], s2[p, 1, 1] = a[p, 3], a[p, 4], a[p, 4], a[p, 5]
         sS[p, 0, 0], sS[p, 0, 1], sS[p, 1, 0], sS[p, 1, 1] = a[p, 6], a[p, 7], a[p, 7], a[p, 8]
-    return a[:, 0].copy(), s1, s2, sS, a[:, 9].copy(), gl
+    return a[:, 0].copy(), s1, s2, sS, a[:, 9].copy(), gl, short.sum()
 
 
 @njit(parallel=True, cache=True)
@@ -870,6 +885,7 @@ class VBState:
     W_step: float = 1.0  # over-relaxation factor for the next (q(W), m) step (eq:rt-overrelax)
     W_relax: list = field(default_factory=list)  # per iteration: the factor taken (1: plain step)
     W_rejected: int = 0  # (q(W), m) steps beyond omega = 2 refused by the ELBO and taken plainly
+    relax_gap: list = field(default_factory=list)  # per iteration: ELBO given up by the over-relaxed steps
 
 
 @dataclass(frozen=True)
@@ -1021,7 +1037,7 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
     # one Gaussian pass with identity covariances and no bias is the plain mean
     # (a vanishing prior precision keeps unobserved voxels finite, at 0)
     pass_fn = _vb_pass2 if D == 2 else _vb_pass
-    _, _, s2, _, _, glob = pass_fn(
+    _, _, s2, _, _, glob, _ = pass_fn(
         kd.X, kd.mode, np.zeros((P, 0), dtype=dtype), mu_T, np.zeros((D, 0), dtype=dtype), prob.obs, eyes, eyes,
         np.zeros((P, D)), np.zeros((P, D)), np.zeros(P), np.ones(P), np.ones(P), 1e-12, 1e-12, False, G.BLOCK,
     )
@@ -1087,7 +1103,7 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     args = (kd.X, kd.mode, tau, st.mu_T, pm, prob.obs, Sinv, st.Sinv_q, st.mu_b, np.ascontiguousarray(mu_b_tau),
             trace_b, st.a_tau, st.nu, prior_prec, st.prior_prec_q, bool(config.robust), G.BLOCK,
             float(config.relax) if st.elbo else 1.0)
-    sw, s1, s2, sS, slogc, glob = _vb_pass2(*args) if D == 2 else _vb_pass(*args)
+    sw, s1, s2, sS, slogc, glob, short_T = _vb_pass2(*args) if D == 2 else _vb_pass(*args)
     st.Sinv_q, st.prior_prec_q, st.T_shift = Sinv, prior_prec, None
     st.stats = {"sw": sw, "s1": s1, "s2": s2, "sS": sS, "slogc": slogc, "glob": glob}
 
@@ -1110,25 +1126,36 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
         st.nu = update_nu(elog - sw, n_obs, config.nu_bounds)
     wterms = None
     eta = 1.0
+    value_W_plain = None
     if prob.basis is not None:
         # over-relaxed (q(W), m) step (eq:rt-overrelax); the first is plain
         eta = st.W_step if (config.relax > 1.0 and st.elbo) else 1.0
         saved = (st.v_W, st.s_W, st.m, st.alpha, st.sigma_T, st.W_hyper)
-        wterms = _update_W(prob, st, config, eta)
-    value, scale = _elbo_fast(prob, st, config, wterms)
-    if prob.basis is not None and config.relax > 1.0:
-        if eta > 2.0 and value < st.elbo[-1]:
-            # beyond 2 the step may lower the block's ELBO: refused, taken plainly
-            # (the projection is reused: no pass over the volume)
+        wterms = _update_W(prob, st, config, 1.0)
+        if eta != 1.0:
+            # the plain step's ELBO (for the stop rule), then the over-relaxed step from the
+            # same start; both in the eigenbasis with the projection reused
+            value_W_plain = _elbo_fast(prob, st, config, wterms)[0]
+            plain = (st.v_W, st.s_W, st.m, st.alpha, st.sigma_T, st.W_hyper, wterms)
             st.v_W, st.s_W, st.m, st.alpha, st.sigma_T, st.W_hyper = saved
-            wterms = _update_W(prob, st, config, 1.0, z_raw=wterms["z_raw"])
-            value, scale = _elbo_fast(prob, st, config, wterms)
+            wterms = _update_W(prob, st, config, eta, z_raw=wterms["z_raw"])
+    value, scale = _elbo_fast(prob, st, config, wterms)
+    if value_W_plain is not None:
+        if eta > 2.0 and value < st.elbo[-1]:
+            # beyond 2 the step may lower the block's ELBO: refused, the plain one kept
+            st.v_W, st.s_W, st.m, st.alpha, st.sigma_T, st.W_hyper, wterms = plain
+            value = value_W_plain
             st.W_rejected += 1
             eta, st.W_step = 1.0, float(config.relax)
         else:
-            st.W_step = min(max(eta, float(config.relax)) * RELAX_GROWTH, RELAX_MAX) if eta > 1.0 else float(config.relax)
+            st.W_step = min(eta * RELAX_GROWTH, RELAX_MAX)
+    elif prob.basis is not None and config.relax > 1.0:
+        st.W_step = float(config.relax)
     if prob.basis is not None:
         st.W_relax.append(eta)
+    # what the over-relaxed mean steps gave up against plain ones in this iteration's
+    # ELBO (the stop rule measures the plain steps' progress: see solve)
+    gap = float(short_T) + (0.0 if value_W_plain is None else max(0.0, value_W_plain - value))
     # The ML bias with a flat prior on T~ is only defined up to the common
     # shift (T~ + c, b - c): the gauge step fixes sum_p b_p = 0 whether or not
     # it is asked for (gain 0), with the shift of mu_T left pending.
@@ -1139,6 +1166,7 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
     if not np.isfinite(value):
         raise FloatingPointError("robust-t: the ELBO is not finite; the data may be degenerate (e.g. all raters identical)")
     st.elbo.append(value)
+    st.relax_gap.append(gap)
     st.rounding.append(ROUNDING * scale)
     return value
 
@@ -1246,8 +1274,12 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
           label: str = "robust-t", state: VBState | None = None) -> tuple[VBState, bool, str]:
     """Run the VB iterations until the ELBO increases by at most ``tol`` of its value.
 
-    Converged when -r <= change <= tol * |ELBO|, r the bound on the ELBO's
-    rounding (``ROUNDING`` times the size of its terms). A decrease beyond
+    Converged when -r <= change and change + gap <= tol * |ELBO|, r the
+    bound on the ELBO's rounding (``ROUNDING`` times the size of its terms)
+    and gap what the iteration's over-relaxed mean steps gave up against
+    plain ones (0 for plain coordinate ascent; eq:rt-overrelax): an
+    over-relaxed step trades immediate gain for later progress, so its own
+    change would stop the run early. A decrease beyond
     r is not convergence: iteration goes on and the largest such decrease is
     kept in ``state.largest_decrease`` (the result's ``/optimizer`` attrs).
     Returns the state, whether it converged, and why it stopped.
@@ -1267,9 +1299,11 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
             if prev is None:
                 continue
             change, rounding = value - prev, max(st.rounding[-1], st.rounding[-2] if len(st.rounding) > 1 else 0.0)
+            # the over-relaxed steps' own change understates the progress: plain steps' (eq:rt-overrelax)
+            gap = st.relax_gap[-1] if getattr(st, "relax_gap", None) else 0.0
             if change < -rounding:
                 st.largest_decrease = max(st.largest_decrease, -change)
-            elif change <= tol * abs(value):
+            elif change + gap <= tol * abs(value):
                 converged, reason = True, f"relative ELBO change below tol ({tol:g})"
                 break
     _settle(st)
@@ -1489,6 +1523,8 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
     if st.W_relax:
         # the (q(W), m) step's over-relaxation factor per iteration (eq:rt-overrelax)
         opt = opt.assign(relax_W=("iteration", np.asarray(st.W_relax, dtype=float)))
+    if st.relax_gap:
+        opt = opt.assign(relax_gap=("iteration", np.asarray(st.relax_gap, dtype=float)))
     opt.attrs["largest_decrease"] = float(st.largest_decrease)
     opt.attrs["relax"] = float(config.relax)
     opt.attrs["relax_W_refused"] = int(st.W_rejected)
