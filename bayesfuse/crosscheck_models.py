@@ -170,9 +170,11 @@ _RT_TAU = (
     "agreement."
 )
 _RT_SPLIT = (
-    " NUTS samples the same posterior written with the mean bias split off (T~ = V - b_mean, b = b_mean + b_dev, "
-    "build_model(bias_form='mean-split')): the common shift of T~ and b, a ridge of the per-rater form that the "
-    "diagonal mass matrix crosses slowly, is then one variable."
+    " NUTS samples the same posterior written with the mean bias split off (T~ = V - sum_p A_p b_p, b = b_mean + "
+    "b_dev, build_model(bias_form='mean-split', whiten=True)) and (W, b_mean) in coordinates that whiten their "
+    "conditional posterior given V: the common shift of T~ and b, a ridge of the per-rater form that the diagonal "
+    "mass matrix crosses slowly, is then one whitened variable. A linear change of variables with a constant "
+    "Jacobian: the same posterior (tested)."
 )
 _RT_CSTAPLE = (
     " Continuous STAPLE: biases are ML parameters (pinned), T~ has a flat prior, so the posterior is an "
@@ -219,7 +221,7 @@ CRITERIA: dict[str, Criteria] = {
     "gaussian": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("W", share=None)), khat_max=0.7, downsample="mean",
-                         nuts_form={"bias_form": "mean-split"}, reason=_RT_REASON + _RT_SPLIT),
+                         nuts_form={"bias_form": "mean-split", "whiten": True}, reason=_RT_REASON + _RT_SPLIT),
     "continuous-staple": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),), khat_max=0.7,
                                   downsample="mean", reason=_RT_REASON + _RT_CSTAPLE),
     "mixture": Criteria(

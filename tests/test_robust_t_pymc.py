@@ -125,6 +125,31 @@ def test_mean_split_bias_is_the_same_posterior(small, likelihood):
     with pytest.raises(R.ConfigError):
         R.build_model(data, replace(cfg, bias="none"), "fixed", fixed, bias_form="mean-split")
 
+    # whitened (W, b_mean): z_k = R' (W_k, b_mean_k) with R R' their conditional precision
+    m2 = R.build_model(data, cfg, "fixed", fixed, bias_form="mean-split", whiten=True)
+    assert {v.name for v in m2.free_RVs} >= {"V", "Wb_white", "b_dev"} and "W" not in {v.name for v in m2.free_RVs}
+    assert m2.named_vars_to_dims["W"] == m0.named_vars_to_dims["W"]
+    basis = R.KroneckerBasis.create(data.shape, cfg.basis_spacing)
+    G1 = np.hstack([basis.dense(), np.ones((int(np.prod(data.shape)), 1))])
+    P = data.n_raters
+    prec = np.diag(np.r_[np.full(basis.n_basis, fixed["alpha"]), P * fixed["beta"]]) + G1.T @ G1 / fixed["sigma_T"]
+    Rc = np.linalg.cholesky(prec)
+    f2 = m2.compile_logp()
+    outs = m2.replace_rvs_by_values([m2["W"], m2["b_mean"]])
+    fw = m2.compile_fn(outs, inputs=m2.value_vars, on_unused_input="ignore", point_fn=False)
+    diffs2 = []
+    for _ in range(3):
+        p1 = m1.initial_point()
+        p1.update({k: rng.normal(0, 0.1, size=np.shape(v)) for k, v in p1.items()})
+        p2 = {k: v for k, v in p1.items() if k in {v_.name for v_ in m2.value_vars}}
+        theta = np.hstack([p1["W"].reshape(2, -1), p1["b_mean"][:, None]])  # (D, L + 1)
+        p2["Wb_white"] = theta @ Rc
+        got = fw(*[p2[v.name] for v in m2.value_vars])
+        np.testing.assert_allclose(got[0], p1["W"], atol=1e-10)
+        np.testing.assert_allclose(got[1], p1["b_mean"], atol=1e-10)
+        diffs2.append(float(f1(p1)) - float(f2(p2)))
+    assert np.ptp(diffs2) < 1e-8 * max(1.0, abs(diffs2[0]))
+
 
 def test_posterior_draws_follow_q_with_the_model_names(small):
     cfg, data, res = small

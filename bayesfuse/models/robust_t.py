@@ -1659,7 +1659,7 @@ def bias_weights(Sigma: np.ndarray) -> np.ndarray:
 
 
 def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fixed", fixed: dict | None = None,
-                *, tau: str = "explicit", bias_form: str = "raters"):
+                *, tau: str = "explicit", bias_form: str = "raters", whiten: bool = False):
     """The declarative PyMC model of (eq:rt-model), dims ``rater``, ``class``, x, y(, z).
 
     Parameters
@@ -1702,6 +1702,16 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         own bias. A linear change of variables with a constant Jacobian.
         ``T`` and ``b`` are then deterministics with the same names and
         dims. Only with ``bias="prior"``.
+    whiten : bool
+        With ``bias_form="mean-split"``, the spatial prior and
+        ``hyper="fixed"``: per link coordinate, (W_k, b_mean_k) = R^-T z_k
+        with R R' = Lambda = diag(alpha I_L, P beta) + G'G / Sigma_T,
+        G = [Phi, 1], the precision of their posterior given V; the free
+        variable ``Wb_white`` (class, basis_all) then has an identity conditional
+        covariance (overlapping bases and the shared constant of Phi W and
+        b_mean no longer correlate the coordinates NUTS moves in). Their
+        prior is a ``pm.Potential`` (``W_prior``) on a flat z; ``W`` and
+        ``b_mean`` are deterministics. Linear, constant Jacobian.
 
     Returns
     -------
@@ -1727,6 +1737,8 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
     split = bias_form == "mean-split" and config.bias == "prior"
     if bias_form == "mean-split" and not split:
         raise ConfigError("bias_form='mean-split' needs the bias prior (bias='prior')")
+    if whiten and not (split and config.spatial_prior and hyper == "fixed"):
+        raise ConfigError("whiten needs bias_form='mean-split', the spatial prior and hyper='fixed'")
     if data.roi() is not None:
         raise InputError("mask", "the PyMC form of robust-t takes the whole grid; crop to the region of interest instead")
     kd = G.prepare(data, config.link)
@@ -1770,14 +1782,31 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             sigma_T = pm.HalfNormal("sigma_T_sd", 1.0) ** 2 if basis is not None else None
             m_mean = pm.Flat("m", dims="class") if basis is not None else None
         # consensus in link space
-        if basis is not None:
+        wdims = ("class",) + tuple(f"basis_{d}" for d in sdims)
+        if whiten:
             L = basis.n_basis
-            W = pm.Normal("W", 0.0, 1.0 / pt.sqrt(alpha), dims=("class",) + tuple(f"basis_{d}" for d in sdims))
+            Phi_np = basis.dense()
+            G1 = np.hstack([Phi_np, np.ones((Phi_np.shape[0], 1))])
+            prior_prec = np.r_[np.full(L, float(alpha)), P * float(beta)]
+            R = np.linalg.cholesky(np.diag(prior_prec) + G1.T @ G1 / float(sigma_T))
+            model.add_coord("basis_all", np.arange(L + 1))
+            z = pm.Flat("Wb_white", dims=("class", "basis_all"))
+            theta = pt.as_tensor(np.linalg.inv(R).T) @ z.T  # (L + 1, D): R^-T z_k per coordinate
+            W = pm.Deterministic("W", theta[:L].T.reshape((D,) + basis.basis_shape), dims=wdims)
+            b_mean = pm.Deterministic("b_mean", theta[L], dims="class")
+            pm.Potential("W_prior", pm.logp(pm.Normal.dist(0.0, 1.0 / np.sqrt(float(alpha))), W).sum()
+                         + pm.logp(pm.Normal.dist(0.0, 1.0 / np.sqrt(P * float(beta))), b_mean).sum())
+            Phi = pt.as_tensor(Phi_np)
+        elif basis is not None:
+            L = basis.n_basis
+            W = pm.Normal("W", 0.0, 1.0 / pt.sqrt(alpha), dims=wdims)
             Phi = pt.as_tensor(basis.dense())  # small grids only (the PyMC form is for downsampled data)
+        if basis is not None:
             mean = ((W.reshape((D, L)) @ Phi.T).T + m_mean[None, :]).reshape(shape + (D,))
         if split:
             # T~ = V - sum_p A_p b_p, b = b_mean + b_dev (linear, constant Jacobian)
-            b_mean = pm.Normal("b_mean", 0.0, 1.0 / pt.sqrt(P * beta), dims="class")
+            if not whiten:
+                b_mean = pm.Normal("b_mean", 0.0, 1.0 / pt.sqrt(P * beta), dims="class")
             # ZeroSumNormal sums to zero over its last axis(es): raters last
             b_dev = pm.ZeroSumNormal("b_dev", sigma=1.0 / pt.sqrt(beta), dims=("class", "rater"), n_zerosum_axes=1)
             A = pt.as_tensor(bias_weights(fixed["Sigma"]) if hyper == "fixed" else np.broadcast_to(np.eye(D) / P, (P, D, D)))
