@@ -217,7 +217,7 @@ CRITERIA: dict[str, Criteria] = {
     "robust-t": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("tau", share=None), Rule("W", share=None)), khat_max=0.7, downsample="mean",
-                         reason=_RT_REASON + _RT_TAU),
+                         nuts_form={"bias_form": "mean-split", "whiten": True}, reason=_RT_REASON + _RT_SPLIT + _RT_TAU),
     "gaussian": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("W", share=None)), khat_max=0.7, downsample="mean",
