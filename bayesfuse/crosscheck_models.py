@@ -165,9 +165,10 @@ _RT_REASON = (
 _RT_TAU = (
     " tau is reported: q(tau) is Gamma with the conditional's shape but a rate averaged over q(T~) q(b), and the "
     "T~-tau dependence is not Gaussian; its k-hat is required with the other blocks. The Student-t posterior is "
-    "multimodal per voxel when the estimated nu_p < 1 and the raters split into groups (tied data, the card): "
-    "q then holds one mode, NUTS's chains disagree and the check says NUTS is not healthy instead of claiming "
-    "agreement."
+    "multimodal per voxel when nu_p is near or below 1 and the raters' values at a voxel differ by many times "
+    "Sigma_p's sd (Sigma_p at its floor on tied data, block means at the boundary: the card): each group of raters "
+    "makes a mode, q holds one, NUTS's chains sit in different ones, and the check says NUTS is not healthy instead "
+    "of claiming agreement, with the modes' masses measured by quadrature (robust_t_modes)."
 )
 _RT_SPLIT = (
     " NUTS samples the same posterior written with the mean bias split off (T~ = V - sum_p A_p b_p, b = b_mean + "
@@ -626,8 +627,9 @@ def robust_t_modes(data, config, result, fixed: dict, post: xr.Dataset, *, rhat_
 
         p(T~ | W, b, D) propto N(T~; Phi_n W + m, Sigma_T I) prod_p t_nu_p(D~[p, n]; T~ + b_p, Sigma_p)
 
-    (eq:rt-model; the textbook densities, not the solver's code), evaluated on a grid fine against the smallest Sigma_p (a tenth of
-    its sd) over the box of the data and the prior mean. Its local maxima
+    (models/robust_t.md (eq:rt-model); the textbook densities, not the
+    solver's code), evaluated on a grid fine against the smallest Sigma_p
+    (a tenth of its sd) over the box of the data and the prior mean. Its local maxima
     and their basins' masses say whether the posterior is multimodal there,
     which mode each chain sits in, and which one q(T~) holds.
 
