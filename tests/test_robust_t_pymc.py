@@ -151,6 +151,20 @@ def test_mean_split_bias_is_the_same_posterior(small, likelihood):
     assert np.ptp(diffs2) < 1e-8 * max(1.0, abs(diffs2[0]))
 
 
+def test_ml_bias_gauge_sums_to_zero_over_raters(small):
+    """continuous STAPLE under hyper="prior": the ML biases' weak prior fixes their
+    common shift by a zero sum over the raters (not over the link coordinates)."""
+    import pymc as pm
+
+    _, data, _ = small
+    cfg = R.Config(likelihood="gaussian", bias="ml", spatial_prior=False)
+    model = R.build_model(data, cfg, "prior")
+    b = pm.draw(model["b"], draws=3, random_seed=0)  # (3, rater, class)
+    assert b.shape[1:] == (data.n_raters, 2)
+    np.testing.assert_allclose(b.sum(axis=1), 0.0, atol=1e-9)
+    assert np.abs(b.sum(axis=2)).max() > 1e-3
+
+
 def test_posterior_draws_follow_q_with_the_model_names(small):
     cfg, data, res = small
     post = R.posterior_draws(res, n=4000, random_seed=0)["posterior"]

@@ -1831,7 +1831,9 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             if hyper == "fixed":
                 b = pt.as_tensor(np.asarray(fixed["b"], float))
             else:
-                b = pm.ZeroSumNormal("b", sigma=10.0, dims=("rater", "class"), n_zerosum_axes=1)
+                # ZeroSumNormal sums to zero over its last axis: raters last, then transposed
+                b_ml = pm.ZeroSumNormal("b_ml", sigma=10.0, dims=("class", "rater"), n_zerosum_axes=1)
+                b = pm.Deterministic("b", b_ml.T, dims=("rater", "class"))
         else:
             b = pt.zeros((P, D))
         bexp = b.reshape((P,) + (1,) * len(shape) + (D,))
