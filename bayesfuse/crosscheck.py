@@ -292,6 +292,9 @@ class CrossCheck:
     vb_seconds: float
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Why NUTS was not healthy, where the model can say (robust-t: ``T_modes``,
+    #: :func:`bayesfuse.crosscheck_models.robust_t_modes`); written to ``/diagnostics``.
+    diagnostics: dict[str, xr.Dataset] = field(default_factory=dict)
 
     @property
     def agreement(self) -> bool:
@@ -356,7 +359,11 @@ class CrossCheck:
             lines.append(f"  k-hat: {self.khat_label}")
         for n in self.notes:
             lines.append(f"  note: {n}")
-        if not self.health.ok:
+        modes = self.diagnostics.get("T_modes")
+        if not self.health.ok and modes is not None and bool((modes["n_modes"] >= 2).any()):
+            lines.append("  VERDICT: NUTS is NOT healthy, so no agreement is claimed (the posterior has several modes "
+                         "where the chains disagree, see the note: more draws do not help)")
+        elif not self.health.ok:
             lines.append("  VERDICT: NUTS is NOT healthy, so no agreement is claimed (raise --draws/--tune, or see the worst variable)")
         elif self.agreement:
             lines.append(f"  VERDICT: PASS: the {solver} solver agrees with NUTS on every criterion")
@@ -378,6 +385,8 @@ class CrossCheck:
             groups[f"/solver/{name}"] = self.result.tree[name].to_dataset()
         for name, ds in self.stats.items():
             groups[f"/stats/{name}"] = ds
+        for name, ds in self.diagnostics.items():
+            groups[f"/diagnostics/{name}"] = ds
         root = xr.Dataset(attrs={
             "method": self.method, "data": self.data_description, "passed": int(self.passed),
             "nuts_healthy": int(self.health.ok), "verdict": self.verdict(), "solver_seconds": self.vb_seconds,
@@ -525,13 +534,25 @@ def run(
         result = mod.fit(data, config, random_seed=random_seed, method=method, progress=False, **(fit_kwargs or {}))
         times.append(time.perf_counter() - t0)
     vb_seconds = times[-1]
-    model = mod.build_model(data, config, hyper="fixed", fixed=mod.fixed_from_result(result))
-    tree = sample_nuts(model, draws=draws, tune=tune, chains=chains, random_seed=random_seed,
+    fixed = mod.fixed_from_result(result)
+    model = mod.build_model(data, config, hyper="fixed", fixed=fixed)
+    # the same posterior, written for NUTS (e.g. robust-t's mean bias split off the common shift)
+    nuts_model = mod.build_model(data, config, hyper="fixed", fixed=fixed, **crit.nuts_form) if crit.nuts_form else model
+    tree = sample_nuts(nuts_model, draws=draws, tune=tune, chains=chains, random_seed=random_seed,
                        target_accept=target_accept, store_unconstrained=crit.mode or crit.khat_max is not None)
     post, notes = align_components(method, result, tree["posterior"].to_dataset())
     if notes:
         tree["posterior"] = xr.DataTree(post)
     health = nuts_health(tree)
+    diagnostics: dict[str, xr.Dataset] = {}
+    if not health.ok and spec.module == "bayesfuse.models.robust_t":
+        # the Student-t's per-voxel modes: measured, so the verdict says why the chains disagree
+        from .crosscheck_models import robust_t_modes
+
+        ds, more = robust_t_modes(data, config, result, fixed, post)
+        if ds is not None:
+            diagnostics["T_modes"] = ds
+        notes = notes + more
     n_total = int(post.sizes["chain"] * post.sizes["draw"])
     q_tree = None
     draw_fn = getattr(mod, "posterior_draws", None)
@@ -609,4 +630,5 @@ def run(
     summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     return CrossCheck(method=method, data_description=_describe(data, note), criteria=crit, health=health,
                       summary=summary, stats=stats, nuts=tree, result=result, q_draws=q_tree, mode=mode,
-                      khat=khat, khat_label=khat_label, vb_seconds=vb_seconds, masks=masks, notes=notes)
+                      khat=khat, khat_label=khat_label, vb_seconds=vb_seconds, masks=masks, notes=notes,
+                      diagnostics=diagnostics)

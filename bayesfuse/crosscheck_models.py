@@ -105,6 +105,11 @@ class Criteria:
         model (:meth:`bayesfuse.data.RaterMaps.downsample`).
     sbc_options : dict
         Config options used by the SBC (priors that draw plausible raters).
+    nuts_form : dict
+        Options of ``build_model`` for the model NUTS samples, when a
+        reparameterisation of the same posterior samples better (robust-t
+        family: ``bias_form="mean-split"``); the k-hat and the mode check use
+        the default form, whose variables are q's.
     reason : str
         Why these criteria (restated in the card).
     """
@@ -115,6 +120,7 @@ class Criteria:
     khat_max: float | None = None
     downsample: str = "mean"
     sbc_options: dict = field(default_factory=dict)
+    nuts_form: dict = field(default_factory=dict)
     reason: str = ""
 
 
@@ -159,9 +165,17 @@ _RT_REASON = (
 _RT_TAU = (
     " tau is reported: q(tau) is Gamma with the conditional's shape but a rate averaged over q(T~) q(b), and the "
     "T~-tau dependence is not Gaussian; its k-hat is required with the other blocks. The Student-t posterior is "
-    "multimodal per voxel when the estimated nu_p < 1 and the raters split into groups (tied data, the card): "
-    "q then holds one mode, NUTS's chains disagree and the check says NUTS is not healthy instead of claiming "
-    "agreement."
+    "multimodal per voxel when nu_p is near or below 1 and the raters' values at a voxel differ by many times "
+    "Sigma_p's sd (Sigma_p at its floor on tied data, block means at the boundary: the card): each group of raters "
+    "makes a mode, q holds one, NUTS's chains sit in different ones, and the check says NUTS is not healthy instead "
+    "of claiming agreement, with the modes' masses measured by quadrature (robust_t_modes)."
+)
+_RT_SPLIT = (
+    " NUTS samples the same posterior written with the mean bias split off (T~ = V - sum_p A_p b_p, b = b_mean + "
+    "b_dev, build_model(bias_form='mean-split', whiten=True)) and (W, b_mean) in coordinates that whiten their "
+    "conditional posterior given V: the common shift of T~ and b, a ridge of the per-rater form that the diagonal "
+    "mass matrix crosses slowly, is then one whitened variable. A linear change of variables with a constant "
+    "Jacobian: the same posterior (tested)."
 )
 _RT_CSTAPLE = (
     " Continuous STAPLE: biases are ML parameters (pinned), T~ has a flat prior, so the posterior is an "
@@ -204,10 +218,11 @@ CRITERIA: dict[str, Criteria] = {
     "robust-t": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("tau", share=None), Rule("W", share=None)), khat_max=0.7, downsample="mean",
-                         reason=_RT_REASON + _RT_TAU),
+                         nuts_form={"bias_form": "mean-split", "whiten": True}, reason=_RT_REASON + _RT_SPLIT + _RT_TAU),
     "gaussian": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
-                                Rule("W", share=None)), khat_max=0.7, downsample="mean", reason=_RT_REASON),
+                                Rule("W", share=None)), khat_max=0.7, downsample="mean",
+                         nuts_form={"bias_form": "mean-split", "whiten": True}, reason=_RT_REASON + _RT_SPLIT),
     "continuous-staple": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),), khat_max=0.7,
                                   downsample="mean", reason=_RT_REASON + _RT_CSTAPLE),
     "mixture": Criteria(
@@ -546,3 +561,190 @@ def align_components(method: str, result, post: xr.Dataset) -> tuple[xr.Dataset,
         if p != sorted(p):
             notes.append(f"NUTS chain {c} explored the components in the order {p}: relabelled to q's")
     return out, notes
+
+
+# ------------------------------------------------ robust-t: per-voxel modes
+def _local_modes(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of a log density on a 1-D or 2-D grid and the mass of each one's basin.
+
+    Every grid point belongs to the basin of the local maximum that steepest
+    ascent over its grid neighbours (3^ndim - 1 of them) reaches, so two
+    peaks a few grid steps apart stay two basins.
+
+    Returns
+    -------
+    (peaks, masses, basin)
+        peaks: (M, ndim) grid indices, heaviest first; masses: (M,), summing
+        to 1; basin: the index (into peaks) of every grid point's basin.
+    """
+    lp = lp - lp.max()
+    w = np.exp(lp)
+    w /= w.sum()
+    shape = lp.shape
+    flat = np.arange(lp.size).reshape(shape)
+    pad = np.pad(lp, 1, constant_values=-np.inf)
+    padi = np.pad(flat, 1, constant_values=-1)
+    best, ptr = lp.copy(), flat.copy()
+    for off in np.ndindex(*(3,) * lp.ndim):
+        sl = tuple(slice(o, o + n) for o, n in zip(off, shape))
+        better = pad[sl] > best
+        best = np.where(better, pad[sl], best)
+        ptr = np.where(better, padi[sl], ptr)
+    ptr = ptr.ravel()
+    for _ in range(64):  # pointer jumping: each round doubles the ascent followed
+        nxt = ptr[ptr]
+        if np.array_equal(nxt, ptr):
+            break
+        ptr = nxt
+    peaks, inverse = np.unique(ptr, return_inverse=True)
+    masses = np.bincount(inverse, weights=w.ravel())
+    order = np.argsort(-masses)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return np.stack(np.unravel_index(peaks[order], shape), axis=1), masses[order], rank[inverse].reshape(shape)
+
+
+def _mvt_logpdf(x: np.ndarray, shape: np.ndarray, df: float) -> np.ndarray:
+    """log density of the centred multivariate Student-t at the rows of x (scipy's
+    ``multivariate_t.logpdf``, vectorised for many points)."""
+    from scipy.special import gammaln
+
+    d = shape.shape[0]
+    L = np.linalg.cholesky(shape)
+    y = np.linalg.solve(L, x.T)
+    maha = (y ** 2).sum(axis=0)
+    return (gammaln((df + d) / 2) - gammaln(df / 2) - d / 2 * np.log(df * np.pi) - np.log(np.diag(L)).sum()
+            - (df + d) / 2 * np.log1p(maha / df))
+
+
+def robust_t_modes(data, config, result, fixed: dict, post: xr.Dataset, *, rhat_max: float = 1.01,
+                   max_voxels: int = 64, mass_min: float = 0.01, voxels: np.ndarray | None = None) -> tuple[xr.Dataset | None, list[str]]:
+    """Why NUTS's chains disagree on T~: the posterior's modes at those voxels.
+
+    At each voxel where the chains' T~ has r_hat > ``rhat_max``, the
+    posterior of T~[n] given W and b at their NUTS means (every chain
+    pooled; they are global and mix) is, with tau integrated out,
+
+        p(T~ | W, b, D) propto N(T~; Phi_n W + m, Sigma_T I) prod_p t_nu_p(D~[p, n]; T~ + b_p, Sigma_p)
+
+    (models/robust_t.md (eq:rt-model); the textbook densities, not the
+    solver's code), evaluated on a grid fine against the smallest Sigma_p
+    (a tenth of its sd) over the box of the data and the prior mean. Its local maxima
+    and their basins' masses say whether the posterior is multimodal there,
+    which mode each chain sits in, and which one q(T~) holds.
+
+    Only for the Student-t likelihood with one or two link coordinates.
+    ``voxels`` (M, ndim) examines those voxels instead of the flagged ones.
+
+    Returns
+    -------
+    (Dataset or None, notes)
+        Per flagged voxel: ``n_modes`` (basins of mass >= ``mass_min``),
+        ``mass_heaviest``, ``mass_second``, ``mass_q`` (the basin holding
+        q's mean), ``share_chain`` (voxel, chain: each chain's share of
+        draws in the heaviest basin, to set against ``mass_heaviest``), ``z_q`` (voxel, class: q's mean against this
+        posterior's mean and sd); notes for the verdict.
+    """
+    import arviz_stats as azs
+
+    from . import gaussian as G
+    from .models.robust_t import _config_of
+    from .spatial import KroneckerBasis
+
+    if "nu" not in fixed or "T" not in post:
+        return None, []
+    kd = G.prepare(data, config.link)
+    P, D = kd.n_raters, kd.dim
+    if D > 2:
+        return None, []
+    sdims, shape = data.spatial_dims, data.shape
+    Dt = kd.coords().reshape((P,) + shape + (D,))
+    T = post["T"].transpose("chain", "draw", *sdims, "class")
+    if voxels is None:
+        rh = azs.rhat(post[["T"]])["T"].transpose(*sdims, "class").values
+        flagged = np.argwhere(np.nanmax(np.where(np.isnan(rh), np.inf, rh), axis=-1) > rhat_max)
+    else:
+        flagged = np.asarray(voxels, dtype=np.int64).reshape(-1, len(sdims))
+        max_voxels = max(max_voxels, len(flagged))
+    if flagged.size == 0:
+        return None, []
+    flagged = flagged[:max_voxels]
+    Sigma, nu = np.asarray(fixed["Sigma"], float), np.asarray(fixed["nu"], float)
+    b = post["b"].mean(("chain", "draw")).values if "b" in post else np.zeros((P, D))
+    if config.spatial_prior and "W" in post:
+        cfg = _config_of(result)
+        basis = KroneckerBasis.create(shape, cfg.basis_spacing, cfg.basis_width, cfg.basis_origin,
+                                      voxel_size=data.spacing, units=cfg.basis_units)
+        W = post["W"].mean(("chain", "draw")).values.reshape(D, -1)
+        prior_mean = ((W @ basis.dense().T).T + np.asarray(fixed.get("m", np.zeros(D)), float)).reshape(shape + (D,))
+        prior_var = float(fixed["sigma_T"])
+    else:
+        prior_mean, prior_var = None, None
+    sd_min = float(np.sqrt(min(np.linalg.eigvalsh(S).min() for S in Sigma)))
+    sd_max = float(np.sqrt(max(np.linalg.eigvalsh(S).max() for S in Sigma)))
+    h = sd_min / 10
+    mu_q = result.group("variational")["mu_T"].transpose(*sdims, "class").values.astype(float)
+    n_chain = T.sizes["chain"]
+    out = {k: [] for k in ("n_modes", "mass_heaviest", "mass_second", "mass_q", "share_chain", "z_q")}
+    for idx in map(tuple, flagged):
+        pts = Dt[(slice(None),) + idx] - b
+        if prior_mean is not None:
+            pts = np.vstack([pts, prior_mean[idx]])
+        lo, hi = pts.min(0) - 8 * sd_max, pts.max(0) + 8 * sd_max
+        axes = [np.arange(lo[k], hi[k] + h, h) for k in range(D)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+        flat = grid.reshape(-1, D)
+        lp = np.zeros(flat.shape[0])
+        for p in range(P):
+            lp += _mvt_logpdf(Dt[(p,) + idx] - b[p] - flat, Sigma[p], nu[p])
+        if prior_mean is not None:
+            lp += -0.5 * ((flat - prior_mean[idx]) ** 2).sum(axis=1) / prior_var
+        lp = lp.reshape(grid.shape[:-1])
+        peaks, masses, basin = _local_modes(lp)
+        w = np.exp(lp - lp.max())
+        w /= w.sum()
+        mean = np.tensordot(w, grid, axes=(tuple(range(D)), tuple(range(D))))
+        sd = np.sqrt(np.tensordot(w, (grid - mean) ** 2, axes=(tuple(range(D)), tuple(range(D)))))
+
+        def basin_of(x):
+            """Basin of points x (..., D): that of the nearest grid point."""
+            ix = tuple(np.clip(np.rint((x[..., k] - lo[k]) / h).astype(int), 0, axes[k].size - 1) for k in range(D))
+            return basin[ix]
+
+        big = masses[masses >= mass_min]
+        out["n_modes"].append(int(big.size))
+        out["mass_heaviest"].append(float(masses[0]))
+        out["mass_second"].append(float(masses[1]) if masses.size > 1 else 0.0)
+        out["mass_q"].append(float(masses[basin_of(mu_q[idx])]))
+        draws = T.values[(slice(None), slice(None)) + idx]  # (chain, draw, D)
+        out["share_chain"].append((basin_of(draws) == 0).mean(axis=1))
+        out["z_q"].append((mu_q[idx] - mean) / sd)
+    coords = {"voxel": np.arange(len(flagged)), "chain": np.arange(n_chain), "class": post["T"]["class"].values}
+    ds = xr.Dataset({
+        "index": (("voxel", "spatial_dim"), flagged.astype(np.int64)),
+        "n_modes": ("voxel", np.array(out["n_modes"])),
+        "mass_heaviest": ("voxel", np.array(out["mass_heaviest"])),
+        "mass_second": ("voxel", np.array(out["mass_second"])),
+        "mass_q": ("voxel", np.array(out["mass_q"])),
+        "share_chain": (("voxel", "chain"), np.array(out["share_chain"])),
+        "z_q": (("voxel", "class"), np.array(out["z_q"])),
+    }, coords=coords | {"spatial_dim": list(sdims)})
+    ds.attrs["what"] = ("posterior of T~ per voxel given W, b at the NUTS means, tau integrated out, by grid "
+                        f"quadrature (step {h:.3g}); basins by steepest ascent")
+    multi = ds["n_modes"].values >= 2
+    low_q = ds["mass_q"].values < 0.5 * ds["mass_heaviest"].values
+    where = (f"the chains disagree (r_hat > {rhat_max:g}) at {len(flagged)} voxels" if voxels is None
+             else f"{len(flagged)} voxels examined")
+    notes = [
+        f"T: {where}"
+        + (f" (the first {max_voxels} examined)" if len(flagged) == max_voxels else "")
+        + f"; there the posterior of T~ given NUTS's W, b (tau integrated out, grid quadrature) has >= 2 modes "
+        f"of mass >= {mass_min:.0%} at {int(multi.sum())}, the second holding up to {ds['mass_second'].max().item():.0%}; "
+        f"q's mean is in the heaviest mode at {int((ds['mass_q'].values >= ds['mass_heaviest'].values - 1e-12).sum())}, "
+        f"in a mode of less than half its mass at {int(low_q.sum())} (down to {ds['mass_q'].min().item():.2g}); "
+        f"each chain's share of draws in the heaviest mode is off its mass by up to "
+        f"{float(np.abs(ds['share_chain'] - ds['mass_heaviest']).max()):.2f}; "
+        f"against this posterior q's means are within 0.5 sd for {float(np.mean(np.abs(ds['z_q'].values) <= 0.5)):.0%} "
+        "of these voxels' elements. NUTS does not cross between such modes, and a unimodal q holds one of them."
+    ]
+    return ds, notes

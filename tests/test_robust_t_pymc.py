@@ -79,6 +79,92 @@ def test_marginal_student_t_logp_equals_scipy(small):
     assert logp_obs == pytest.approx(ref, rel=1e-9)
 
 
+@pytest.mark.parametrize("likelihood", ["student-t", "gaussian"])
+def test_mean_split_bias_is_the_same_posterior(small, likelihood):
+    """bias_form="mean-split" (T~ = V - sum_p A_p b_p, b = b_mean + b_dev) is a change of
+    variables with a constant Jacobian: its log density differs from the per-rater
+    form's by one constant at every point, and T, b are deterministics of the same dims."""
+    from dataclasses import replace
+
+    import pytensor.tensor as pt
+
+    cfg, data, res = small
+    cfg = replace(cfg, likelihood=likelihood)
+    fixed = R.fixed_from_result(R.fit(data, cfg, progress=False))
+    m0 = R.build_model(data, cfg, "fixed", fixed)
+    m1 = R.build_model(data, cfg, "fixed", fixed, bias_form="mean-split")
+    assert {v.name for v in m1.free_RVs} >= {"V", "b_mean", "b_dev", "W"}
+    for v in ("T", "b"):
+        assert m1.named_vars_to_dims[v] == m0.named_vars_to_dims[v]
+    f0, f1 = m0.compile_logp(), m1.compile_logp()
+    bdev = m1["b_dev"]
+    to_value = m1.rvs_to_transforms[bdev]
+    rng = np.random.default_rng(2)
+    diffs = []
+    for _ in range(3):
+        p0, p1 = m0.initial_point(), m1.initial_point()
+        T = rng.normal(0.6, 0.2, size=p0["T"].shape)
+        b = rng.normal(0, 0.05, size=p0["b"].shape)
+        W = rng.normal(0, 0.5, size=p0["W"].shape)
+        p0.update(T=T, b=b, W=W)
+        bm = b.mean(axis=0)
+        A = R.bias_weights(fixed["Sigma"])
+        np.testing.assert_allclose(A.sum(axis=0), np.eye(2), atol=1e-12)
+        p1.update(V=T + np.einsum("pij,pj->i", A, b), b_mean=bm, W=W)
+        p1["b_dev_zerosum__"] = to_value.forward(pt.as_tensor((b - bm).T), *bdev.owner.inputs).eval()
+        if "tau_log__" in p0:
+            p0["tau_log__"] = p1["tau_log__"] = rng.normal(0, 0.5, size=p0["tau_log__"].shape)
+        diffs.append(float(f0(p0)) - float(f1(p1)))
+        # the deterministics give back T and b
+        outs = m1.replace_rvs_by_values([m1["T"], m1["b"]])
+        fn = m1.compile_fn(outs, inputs=m1.value_vars, on_unused_input="ignore", point_fn=False)
+        got = fn(*[p1[v.name] for v in m1.value_vars])
+        np.testing.assert_allclose(got[0], T, atol=1e-12)
+        np.testing.assert_allclose(got[1], b, atol=1e-12)
+    assert np.ptp(diffs) < 1e-8 * max(1.0, abs(diffs[0]))
+    with pytest.raises(R.ConfigError):
+        R.build_model(data, replace(cfg, bias="none"), "fixed", fixed, bias_form="mean-split")
+
+    # whitened (W, b_mean): z_k = R' (W_k, b_mean_k) with R R' their conditional precision
+    m2 = R.build_model(data, cfg, "fixed", fixed, bias_form="mean-split", whiten=True)
+    assert {v.name for v in m2.free_RVs} >= {"V", "Wb_white", "b_dev"} and "W" not in {v.name for v in m2.free_RVs}
+    assert m2.named_vars_to_dims["W"] == m0.named_vars_to_dims["W"]
+    basis = R.KroneckerBasis.create(data.shape, cfg.basis_spacing)
+    G1 = np.hstack([basis.dense(), np.ones((int(np.prod(data.shape)), 1))])
+    P = data.n_raters
+    prec = np.diag(np.r_[np.full(basis.n_basis, fixed["alpha"]), P * fixed["beta"]]) + G1.T @ G1 / fixed["sigma_T"]
+    Rc = np.linalg.cholesky(prec)
+    f2 = m2.compile_logp()
+    outs = m2.replace_rvs_by_values([m2["W"], m2["b_mean"]])
+    fw = m2.compile_fn(outs, inputs=m2.value_vars, on_unused_input="ignore", point_fn=False)
+    diffs2 = []
+    for _ in range(3):
+        p1 = m1.initial_point()
+        p1.update({k: rng.normal(0, 0.1, size=np.shape(v)) for k, v in p1.items()})
+        p2 = {k: v for k, v in p1.items() if k in {v_.name for v_ in m2.value_vars}}
+        theta = np.hstack([p1["W"].reshape(2, -1), p1["b_mean"][:, None]])  # (D, L + 1)
+        p2["Wb_white"] = theta @ Rc
+        got = fw(*[p2[v.name] for v in m2.value_vars])
+        np.testing.assert_allclose(got[0], p1["W"], atol=1e-10)
+        np.testing.assert_allclose(got[1], p1["b_mean"], atol=1e-10)
+        diffs2.append(float(f1(p1)) - float(f2(p2)))
+    assert np.ptp(diffs2) < 1e-8 * max(1.0, abs(diffs2[0]))
+
+
+def test_ml_bias_gauge_sums_to_zero_over_raters(small):
+    """continuous STAPLE under hyper="prior": the ML biases' weak prior fixes their
+    common shift by a zero sum over the raters (not over the link coordinates)."""
+    import pymc as pm
+
+    _, data, _ = small
+    cfg = R.Config(likelihood="gaussian", bias="ml", spatial_prior=False)
+    model = R.build_model(data, cfg, "prior")
+    b = pm.draw(model["b"], draws=3, random_seed=0)  # (3, rater, class)
+    assert b.shape[1:] == (data.n_raters, 2)
+    np.testing.assert_allclose(b.sum(axis=1), 0.0, atol=1e-9)
+    assert np.abs(b.sum(axis=2)).max() > 1e-3
+
+
 def test_posterior_draws_follow_q_with_the_model_names(small):
     cfg, data, res = small
     post = R.posterior_draws(res, n=4000, random_seed=0)["posterior"]

@@ -1791,8 +1791,15 @@ def _config_of(result: FusionResult) -> Config:
     return Config(**cfg)
 
 
+def bias_weights(Sigma: np.ndarray) -> np.ndarray:
+    """Precision weights A_p = (sum_q Sigma_q^-1)^-1 Sigma_p^-1 (P, D, D), summing to I:
+    ``build_model(bias_form="mean-split")``'s consensus as the raters see it is T~ + sum_p A_p b_p."""
+    prec = np.linalg.inv(np.asarray(Sigma, float))
+    return np.linalg.solve(prec.sum(axis=0)[None], prec)
+
+
 def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fixed", fixed: dict | None = None,
-                *, tau: str = "explicit"):
+                *, tau: str = "explicit", bias_form: str = "raters", whiten: bool = False):
     """The declarative PyMC model of (eq:rt-model), dims ``rater``, ``class``, x, y(, z).
 
     Parameters
@@ -1818,6 +1825,33 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         Student-t written as the Gaussian scale mixture with tau[n, p] ~
         Gamma(nu/2, nu/2) explicit (the paper's graphical model), or with tau
         integrated out (``pm.MvStudentT``).
+    bias_form : {"raters", "mean-split"}
+        How the bias prior b_p ~ N(0, I / beta) is written (the same
+        posterior either way). ``"raters"``: ``b`` free, one per rater.
+        ``"mean-split"``: b = b_mean + b_dev with ``b_mean`` ~ N(0, I /
+        (P beta)) and ``b_dev`` (class, rater) ~ ZeroSumNormal(1 / sqrt(beta))
+        over raters (the distribution of b_p - mean_p b_p for iid b_p,
+        independent of the mean), and T~ = V - sum_p A_p b_p with ``V`` free:
+        the consensus as the raters see it, through the precision weights
+        A_p = (sum_q Sigma_q^-1)^-1 Sigma_p^-1 (``hyper="fixed"``; A_p = I / P
+        under ``"prior"``), which sum to I, so T~ = V - b_mean - sum_p A_p
+        b_dev_p. The data pin V and b_dev; the common shift (T~ + c, b - c)
+        of the ``"raters"`` form, a ridge that NUTS's diagonal mass matrix
+        crosses slowly, becomes the single variable ``b_mean``, and a rater
+        far more precise than the rest no longer ties every voxel to its
+        own bias. A linear change of variables with a constant Jacobian.
+        ``T`` and ``b`` are then deterministics with the same names and
+        dims. Only with ``bias="prior"``.
+    whiten : bool
+        With ``bias_form="mean-split"``, the spatial prior and
+        ``hyper="fixed"``: per link coordinate, (W_k, b_mean_k) = R^-T z_k
+        with R R' = Lambda = diag(alpha I_L, P beta) + G'G / Sigma_T,
+        G = [Phi, 1], the precision of their posterior given V; the free
+        variable ``Wb_white`` (class, basis_all) then has an identity conditional
+        covariance (overlapping bases and the shared constant of Phi W and
+        b_mean no longer correlate the coordinates NUTS moves in). Their
+        prior is a ``pm.Potential`` (``W_prior``) on a flat z; ``W`` and
+        ``b_mean`` are deterministics. Linear, constant Jacobian.
 
     Returns
     -------
@@ -1838,6 +1872,13 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
         raise ConfigError(f"hyper must be 'fixed' or 'prior', not {hyper!r}")
     if tau not in ("explicit", "marginal"):
         raise ConfigError(f"tau must be 'explicit' or 'marginal', not {tau!r}")
+    if bias_form not in ("raters", "mean-split"):
+        raise ConfigError(f"bias_form must be 'raters' or 'mean-split', not {bias_form!r}")
+    split = bias_form == "mean-split" and config.bias == "prior"
+    if bias_form == "mean-split" and not split:
+        raise ConfigError("bias_form='mean-split' needs the bias prior (bias='prior')")
+    if whiten and not (split and config.spatial_prior and hyper == "fixed"):
+        raise ConfigError("whiten needs bias_form='mean-split', the spatial prior and hyper='fixed'")
     if data.roi() is not None:
         raise InputError("mask", "the PyMC form of robust-t takes the whole grid; crop to the region of interest instead")
     kd = G.prepare(data, config.link)
@@ -1881,16 +1922,48 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             sigma_T = pm.HalfNormal("sigma_T_sd", 1.0) ** 2 if basis is not None else None
             m_mean = pm.Flat("m", dims="class") if basis is not None else None
         # consensus in link space
-        if basis is not None:
+        wdims = ("class",) + tuple(f"basis_{d}" for d in sdims)
+        if whiten:
             L = basis.n_basis
-            W = pm.Normal("W", 0.0, 1.0 / pt.sqrt(alpha), dims=("class",) + tuple(f"basis_{d}" for d in sdims))
+            Phi_np = basis.dense()
+            G1 = np.hstack([Phi_np, np.ones((Phi_np.shape[0], 1))])
+            prior_prec = np.r_[np.full(L, float(alpha)), P * float(beta)]
+            R = np.linalg.cholesky(np.diag(prior_prec) + G1.T @ G1 / float(sigma_T))
+            model.add_coord("basis_all", np.arange(L + 1))
+            z = pm.Flat("Wb_white", dims=("class", "basis_all"))
+            theta = pt.as_tensor(np.linalg.inv(R).T) @ z.T  # (L + 1, D): R^-T z_k per coordinate
+            W = pm.Deterministic("W", theta[:L].T.reshape((D,) + basis.basis_shape), dims=wdims)
+            b_mean = pm.Deterministic("b_mean", theta[L], dims="class")
+            pm.Potential("W_prior", pm.logp(pm.Normal.dist(0.0, 1.0 / np.sqrt(float(alpha))), W).sum()
+                         + pm.logp(pm.Normal.dist(0.0, 1.0 / np.sqrt(P * float(beta))), b_mean).sum())
+            Phi = pt.as_tensor(Phi_np)
+        elif basis is not None:
+            L = basis.n_basis
+            W = pm.Normal("W", 0.0, 1.0 / pt.sqrt(alpha), dims=wdims)
             Phi = pt.as_tensor(basis.dense())  # small grids only (the PyMC form is for downsampled data)
+        if basis is not None:
             mean = ((W.reshape((D, L)) @ Phi.T).T + m_mean[None, :]).reshape(shape + (D,))
+        if split:
+            # T~ = V - sum_p A_p b_p, b = b_mean + b_dev (linear, constant Jacobian)
+            if not whiten:
+                b_mean = pm.Normal("b_mean", 0.0, 1.0 / pt.sqrt(P * beta), dims="class")
+            # ZeroSumNormal sums to zero over its last axis(es): raters last
+            b_dev = pm.ZeroSumNormal("b_dev", sigma=1.0 / pt.sqrt(beta), dims=("class", "rater"), n_zerosum_axes=1)
+            A = pt.as_tensor(bias_weights(fixed["Sigma"]) if hyper == "fixed" else np.broadcast_to(np.eye(D) / P, (P, D, D)))
+            seen = b_mean + pt.sum(A @ b_dev.T[:, :, None], axis=0)[:, 0]  # sum_p A_p b_p
+            if basis is not None:
+                V = pm.Normal("V", mean + seen, pt.sqrt(sigma_T), dims=sdims + ("class",))
+            else:
+                V = pm.Flat("V", dims=sdims + ("class",))
+            T = pm.Deterministic("T", V - seen, dims=sdims + ("class",))
+        elif basis is not None:
             T = pm.Normal("T", mean, pt.sqrt(sigma_T), dims=sdims + ("class",))
         else:
             T = pm.Flat("T", dims=sdims + ("class",))
         # biases
-        if config.bias == "prior":
+        if split:
+            b = pm.Deterministic("b", b_mean[None, :] + b_dev.T, dims=("rater", "class"))
+        elif config.bias == "prior":
             b = pm.Normal("b", 0.0, 1.0 / pt.sqrt(beta), dims=("rater", "class"))
         elif config.bias == "ml":
             # without a prior the biases are only defined up to a common shift:
@@ -1898,7 +1971,9 @@ def build_model(data: RaterMaps, config: Config | None = None, hyper: str = "fix
             if hyper == "fixed":
                 b = pt.as_tensor(np.asarray(fixed["b"], float))
             else:
-                b = pm.ZeroSumNormal("b", sigma=10.0, dims=("rater", "class"), n_zerosum_axes=1)
+                # ZeroSumNormal sums to zero over its last axis: raters last, then transposed
+                b_ml = pm.ZeroSumNormal("b_ml", sigma=10.0, dims=("class", "rater"), n_zerosum_axes=1)
+                b = pm.Deterministic("b", b_ml.T, dims=("rater", "class"))
         else:
             b = pt.zeros((P, D))
         bexp = b.reshape((P,) + (1,) * len(shape) + (D,))
