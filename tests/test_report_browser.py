@@ -95,8 +95,14 @@ def probe(chromium: str, html_path: Path, work: Path) -> dict:
     assert text.rstrip().endswith("</html>")
     copy = work / "probed.html"
     copy.write_text(text.replace("</body>", PROBE + "</body>"))
-    res = run_chromium(chromium, copy.as_uri(), "--dump-dom", "--virtual-time-budget=20000", "--window-size=1280,1000")
-    m = re.search(r'<pre id="bf-probe">(.*?)</pre>', res.stdout, re.S)
+    # on a loaded machine headless chromium sometimes dumps the DOM before the load
+    # handler has run (seen while NUTS sampled beside it; never on an idle machine):
+    # up to three tries, each a fresh browser
+    for _ in range(3):
+        res = run_chromium(chromium, copy.as_uri(), "--dump-dom", "--virtual-time-budget=20000", "--window-size=1280,1000")
+        m = re.search(r'<pre id="bf-probe">(.*?)</pre>', res.stdout, re.S)
+        if m:
+            break
     assert m, f"the page did not finish loading in chromium (exit {res.returncode}): {res.stderr[-2000:]}"
     return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
 
