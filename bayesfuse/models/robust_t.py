@@ -882,7 +882,7 @@ class VBState:
     rounding: list = field(default_factory=list)  # bound on the rounding of each recorded ELBO
     largest_decrease: float = 0.0  # largest ELBO decrease beyond rounding (0: none)
     ones_eig: np.ndarray | None = None  # Psi' 1, cached for the m and q(W) steps
-    W_step: float = 1.0  # over-relaxation factor for the next (q(W), m) step (eq:rt-overrelax)
+    W_step: float = 1.0  # over-relaxation factor of the next (q(W), m) step (eq:rt-overrelax)
     W_relax: list = field(default_factory=list)  # per iteration: the factor taken (1: plain step)
     W_rejected: int = 0  # (q(W), m) steps beyond omega = 2 refused by the ELBO and taken plainly
     relax_gap: list = field(default_factory=list)  # per iteration: ELBO given up by the over-relaxed steps
@@ -975,14 +975,14 @@ def _project_mu_T(prob: Problem, st: VBState) -> np.ndarray:
     return z + basis.gram_eigenvalues() * st.v_W + st.m.reshape(bshape) * _ones_eig(prob, st)
 
 
-def _update_W(prob: Problem, st: VBState, config: Config, eta: float = 1.0, z_raw=None) -> dict:
+def _update_W(prob: Problem, st: VBState, config: Config, eta: float = 1.0, proj=None) -> dict:
     """q(W), then m, then alpha, then Sigma_T; returns the terms the ELBO needs.
 
     ``eta`` over-relaxes the (q(W) mean, m) step: with (v*, m*) the joint
     optimum, the new mean is old + eta (optimum - old) (eq:rt-overrelax;
-    1: the optimum itself). ``z_raw``, the projection Psi' mu_T, may be
-    passed in to redo the step with another eta without a pass over the
-    volume.
+    1: the optimum itself). ``proj`` = (Psi' mu_T, sum_n mu_T), the step's
+    only inputs that need a pass over the volume, may be passed in (from
+    the returned terms) to redo the step with another eta without one.
 
     Everything in the eigenbasis of Phi' Phi, with y = mu_T - m: z = U' Phi' y
     = Psi' mu_T - m Psi' 1, v = U' mu_W = z s / Sigma_T, <Phi' y, mu_W> =
@@ -990,15 +990,14 @@ def _update_W(prob: Problem, st: VBState, config: Config, eta: float = 1.0, z_ra
     orthogonal); sum_n Phi_n' mu_W = <Psi' 1, v> for the m step.
     """
     basis, D, N = prob.basis, prob.kd.dim, prob.n_voxels
-    # float64 products: the ELBO subtracts <z, v> from sum y^2, both of
-    # order N; a float32 contraction's error (1e-7 of N) broke monotonicity
     z1 = _ones_eig(prob, st)
-    if z_raw is None:
-        z_raw = _project_mu_T(prob, st)
+    if proj is None:
+        # the ELBO subtracts <z, v> from sum y^2, both of order N: see _project_mu_T for the precision
+        proj = (_project_mu_T(prob, st), st.mu_T.sum(axis=1, dtype=np.float64))
+    z_raw, sum_T = proj
     bshape = (D,) + (1,) * z1.ndim
     g = basis.gram_eigenvalues()
     s = 1.0 / (g / st.sigma_T + st.alpha)
-    sum_T = st.mu_T.sum(axis=1, dtype=np.float64)
     # q(W) and m jointly (eq:rt-mean-joint): alternating them creeps along
     # (m + c, W - c u), the constant level traded between the two
     m_new = update_m_joint(sum_T, z_raw, z1, s, st.sigma_T, N)
@@ -1024,7 +1023,7 @@ def _update_W(prob: Problem, st: VBState, config: Config, eta: float = 1.0, z_ra
             float(update_sigma_T(sum(y2_parts), cross, quad_W, glob[1 + D :].sum(), tr_SWG, N, D)),
             config.variance_floor,
         )
-    return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG, "z": z, "y2_parts": y2_parts, "z_raw": z_raw}
+    return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG, "z": z, "y2_parts": y2_parts, "proj": proj}
 
 
 def _init_state(prob: Problem, config: Config, dtype) -> VBState:
@@ -1063,6 +1062,7 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
         beta=beta,
         Sinv_q=G.inv_logdet(Sigma)[0],
         prior_prec_q=0.0,
+        W_step=float(config.relax),  # taken from the second iteration on (the first is plain)
     )
     if prob.basis is not None:
         st.sigma_T = float(config.sigma_T) if config.sigma_T is not None else scale
@@ -1138,7 +1138,7 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
             value_W_plain = _elbo_fast(prob, st, config, wterms)[0]
             plain = (st.v_W, st.s_W, st.m, st.alpha, st.sigma_T, st.W_hyper, wterms)
             st.v_W, st.s_W, st.m, st.alpha, st.sigma_T, st.W_hyper = saved
-            wterms = _update_W(prob, st, config, eta, z_raw=wterms["z_raw"])
+            wterms = _update_W(prob, st, config, eta, proj=wterms["proj"])
     value, scale = _elbo_fast(prob, st, config, wterms)
     if value_W_plain is not None:
         if eta > 2.0 and value < st.elbo[-1]:
@@ -1149,8 +1149,6 @@ def iterate(prob: Problem, st: VBState, config: Config) -> float:
             eta, st.W_step = 1.0, float(config.relax)
         else:
             st.W_step = min(eta * RELAX_GROWTH, RELAX_MAX)
-    elif prob.basis is not None and config.relax > 1.0:
-        st.W_step = float(config.relax)
     if prob.basis is not None:
         st.W_relax.append(eta)
     # what the over-relaxed mean steps gave up against plain ones in this iteration's
@@ -1300,7 +1298,7 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
                 continue
             change, rounding = value - prev, max(st.rounding[-1], st.rounding[-2] if len(st.rounding) > 1 else 0.0)
             # the over-relaxed steps' own change understates the progress: plain steps' (eq:rt-overrelax)
-            gap = st.relax_gap[-1] if getattr(st, "relax_gap", None) else 0.0
+            gap = st.relax_gap[-1]
             if change < -rounding:
                 st.largest_decrease = max(st.largest_decrease, -change)
             elif change + gap <= tol * abs(value):
