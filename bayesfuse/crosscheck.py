@@ -545,11 +545,9 @@ def run(
         tree["posterior"] = xr.DataTree(post)
     health = nuts_health(tree)
     diagnostics: dict[str, xr.Dataset] = {}
-    if not health.ok and spec.module == "bayesfuse.models.robust_t":
-        # the Student-t's per-voxel modes: measured, so the verdict says why the chains disagree
-        from .crosscheck_models import robust_t_modes
-
-        ds, more = robust_t_modes(data, config, result, fixed, post)
+    if not health.ok and crit.diagnose is not None:
+        # why the chains disagree, measured where the model can say (robust-t: its per-voxel modes)
+        ds, more = crit.diagnose(data, config, result, fixed, post)
         if ds is not None:
             diagnostics["T_modes"] = ds
         notes = notes + more

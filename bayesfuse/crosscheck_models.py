@@ -35,6 +35,7 @@ point-estimated hyperparameters pinned at the solver's values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import xarray as xr
@@ -105,6 +106,10 @@ class Criteria:
         model (:meth:`bayesfuse.data.RaterMaps.downsample`).
     sbc_options : dict
         Config options used by the SBC (priors that draw plausible raters).
+    diagnose : callable or None
+        ``diagnose(data, config, result, fixed, post) -> (Dataset or None,
+        notes)``: run when NUTS is not healthy, to say why (robust-t: its
+        per-voxel modes, :func:`robust_t_modes`, written as ``T_modes``).
     nuts_form : dict
         Options of ``build_model`` for the model NUTS samples, when a
         reparameterisation of the same posterior samples better (robust-t
@@ -121,6 +126,7 @@ class Criteria:
     downsample: str = "mean"
     sbc_options: dict = field(default_factory=dict)
     nuts_form: dict = field(default_factory=dict)
+    diagnose: Callable | None = None
     reason: str = ""
 
 
@@ -218,7 +224,8 @@ CRITERIA: dict[str, Criteria] = {
     "robust-t": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("tau", share=None), Rule("W", share=None)), khat_max=0.7, downsample="mean",
-                         nuts_form={"bias_form": "mean-split", "whiten": True}, reason=_RT_REASON + _RT_SPLIT + _RT_TAU),
+                         nuts_form={"bias_form": "mean-split", "whiten": True},
+                         diagnose=lambda *args: robust_t_modes(*args), reason=_RT_REASON + _RT_SPLIT + _RT_TAU),
     "gaussian": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("W", share=None)), khat_max=0.7, downsample="mean",
@@ -564,7 +571,7 @@ def align_components(method: str, result, post: xr.Dataset) -> tuple[xr.Dataset,
 
 
 # ------------------------------------------------ robust-t: per-voxel modes
-def _local_modes(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _local_modes(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local maxima of a log density on a 1-D or 2-D grid and the mass of each one's basin.
 
     Every grid point belongs to the basin of the local maximum that steepest
@@ -604,19 +611,6 @@ def _local_modes(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(np.unravel_index(peaks[order], shape), axis=1), masses[order], rank[inverse].reshape(shape)
 
 
-def _mvt_logpdf(x: np.ndarray, shape: np.ndarray, df: float) -> np.ndarray:
-    """log density of the centred multivariate Student-t at the rows of x (scipy's
-    ``multivariate_t.logpdf``, vectorised for many points)."""
-    from scipy.special import gammaln
-
-    d = shape.shape[0]
-    L = np.linalg.cholesky(shape)
-    y = np.linalg.solve(L, x.T)
-    maha = (y ** 2).sum(axis=0)
-    return (gammaln((df + d) / 2) - gammaln(df / 2) - d / 2 * np.log(df * np.pi) - np.log(np.diag(L)).sum()
-            - (df + d) / 2 * np.log1p(maha / df))
-
-
 def robust_t_modes(data, config, result, fixed: dict, post: xr.Dataset, *, rhat_max: float = 1.01,
                    max_voxels: int = 64, mass_min: float = 0.01, voxels: np.ndarray | None = None) -> tuple[xr.Dataset | None, list[str]]:
     """Why NUTS's chains disagree on T~: the posterior's modes at those voxels.
@@ -646,6 +640,7 @@ def robust_t_modes(data, config, result, fixed: dict, post: xr.Dataset, *, rhat_
         posterior's mean and sd); notes for the verdict.
     """
     import arviz_stats as azs
+    from scipy import stats
 
     from . import gaussian as G
     from .models.robust_t import _config_of
@@ -696,7 +691,7 @@ def robust_t_modes(data, config, result, fixed: dict, post: xr.Dataset, *, rhat_
         flat = grid.reshape(-1, D)
         lp = np.zeros(flat.shape[0])
         for p in range(P):
-            lp += _mvt_logpdf(Dt[(p,) + idx] - b[p] - flat, Sigma[p], nu[p])
+            lp += stats.multivariate_t(np.zeros(D), Sigma[p], df=nu[p]).logpdf(Dt[(p,) + idx] - b[p] - flat)
         if prior_mean is not None:
             lp += -0.5 * ((flat - prior_mean[idx]) ** 2).sum(axis=1) / prior_var
         lp = lp.reshape(grid.shape[:-1])
