@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=200)
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--spacing", type=float, default=4.0, help="basis spacing in voxels")
+    ap.add_argument("--min-variance", type=float, default=None, help="Config.min_variance (default: the model's)")
     args = ap.parse_args()
     if args.what == "bubil":
         main_bubil(args)
@@ -179,7 +180,7 @@ def main() -> None:
     from bayesfuse.data import RaterMaps
     from bayesfuse.models import robust_t as R
 
-    cfg = R.Config(basis_spacing=args.spacing)
+    cfg = R.Config(basis_spacing=args.spacing, min_variance=args.min_variance)
     # warm-up: compile (or load) the kernels on a small volume, with the
     # float32 storage the large volume gets
     small = make_input((24, 24, 24), args.raters, seed=1)

@@ -98,12 +98,15 @@ def test_float32_projection_breaks_the_elbo(phantom_3d, monkeypatch):
     """
     monkeypatch.setattr(R, "_project_mu_T", lambda prob, st: mode_product(
         st.mu_T.reshape((prob.kd.dim,) + prob.shape), prob.basis.Psi, transpose=True).astype(np.float64))
-    _, _, e32, _ = _elbos(phantom_3d, R.Config(storage="float32"), 40)
+    # the variance floor of 1e-4 (the default until 2026-12; 1e-3 since): the tighter raters
+    # make the ELBO more sensitive to the projection's rounding
+    _, _, e32, _ = _elbos(phantom_3d, R.Config(storage="float32", min_variance=1e-4), 40)
     monkeypatch.undo()
-    _, _, e64, _ = _elbos(phantom_3d, R.Config(storage="float64"), 40)
+    _, _, e64, _ = _elbos(phantom_3d, R.Config(storage="float64", min_variance=1e-4), 40)
     # the float32 contraction of mu_T put the ELBO 6.9e-6 (relative) off float64's on this
     # phantom, against 8.0e-7 with the float64 projection and 7.8e-7 with the float32
-    # projection of the residual: above the 2e-6 the storage test allows
+    # projection of the residual: above the 2e-6 the storage test allows (at the default
+    # floor of 1e-3 the same contraction is 2.4e-6 off)
     assert np.abs(e32 - e64).max() > 3e-6 * np.abs(e64).max()
 
 
@@ -138,9 +141,13 @@ def test_over_relaxation_reaches_in_40_iterations_what_plain_ascent_needs_120_fo
     iterations is above the plain run's after 100 (and after 79 above the plain run's after 300);
     the tol = 1e-6 rule stops the plain run after 144 iterations, the relaxed one (judged by the
     plain steps' progress) after 55, at an ELBO plain ascent reaches after about 190.
+
+    That is with the variance floor at 1e-4, where the raters' tight likelihoods make q(T~)
+    move slowly (the default until 2026-12). At the default floor of 1e-3 both converge
+    fast: relaxed 28 iterations (ELBO 2874438.1), plain 38 (2874396.2; 2874446.2 after 400).
     """
-    _, st_r, e_r, r_r = _elbos(phantom_3d, R.Config(relax=1.8), 40)
-    _, _, e_p, _ = _elbos(phantom_3d, R.Config(relax=1.0), 120)
+    _, st_r, e_r, r_r = _elbos(phantom_3d, R.Config(relax=1.8, min_variance=1e-4), 40)
+    _, _, e_p, _ = _elbos(phantom_3d, R.Config(relax=1.0, min_variance=1e-4), 120)
     assert np.all(np.diff(e_r) >= -r_r[1:])
     assert e_r[-1] > e_p[-1]
     assert max(st_r.W_relax) > 2.0  # the (q(W), m) factor grew past 2 and was kept
