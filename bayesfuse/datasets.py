@@ -32,6 +32,7 @@ data the same way.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +215,9 @@ def export_case(case: Case, out_dir: str | os.PathLike, force: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     data = case.raters
     written = []
-    planned = [out / (n.replace("/", "__") + ".nii.gz") for n in data.rater_names]
+    # rater names read from files keep their suffix (Patient01Homo_Rad01.nii.gz): not twice
+    stems = [re.sub(r"\.(nii\.gz|nii|mha|mhd|nrrd)$", "", n) for n in data.rater_names]
+    planned = [out / (n.replace("/", "__") + ".nii.gz") for n in stems]
     if not force:
         for p in planned:
             if p.exists():

@@ -58,3 +58,16 @@ def test_liver(shared_data):
     case = datasets.liver_tumor(shared_data)
     assert case.raters.n_raters == 3 and case.raters.image is not None
     assert case.raters.spacing == pytest.approx((1.73431,) * 3, rel=1e-5)
+
+
+def test_export_case_writes_one_suffix(tmp_path):
+    # rater names read from files keep their suffix (the liver case's Patient01Homo_Rad01.nii.gz)
+    from bayesfuse.data import RaterMaps
+
+    m = np.zeros((2, 8, 8, 4), dtype=np.uint8)
+    m[:, 2:6, 2:6, 1:3] = 1
+    raters = RaterMaps.from_arrays(m, kind="binary", names=["Rad01.nii.gz", "Rad02.mha"])
+    case = datasets.Case("c", raters, groups={"Rad01.nii.gz": "expert", "Rad02.mha": "expert"})
+    written = datasets.export_case(case, tmp_path)
+    assert sorted(p.name for p in written) == ["Rad01.nii.gz", "Rad02.nii.gz", "groups.csv"]
+    assert (tmp_path / "groups.csv").read_text().splitlines()[1:] == ["Rad01.nii.gz,expert", "Rad02.nii.gz,expert"]
