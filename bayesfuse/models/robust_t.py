@@ -951,8 +951,9 @@ def _prior_mean(basis: KroneckerBasis, v_W: np.ndarray, m: np.ndarray, out: np.n
     """out[d, :] = Phi mu_W[d] + m[d] = Psi v_W[d] + m[d] (mode products), written class by class."""
     for i in range(v_W.shape[0]):
         # in float64, rounded once to the storage type: a float32 sum of Psi v
-        # and m is rounded twice, and its bias (1e-7 per voxel) moved the ELBO
-        out[i] = basis.expand_eig(v_W[i], dtype=np.float64).reshape(-1) + m[i]
+        # and m is rounded twice, and its bias (1e-7 per voxel) moved the ELBO.
+        # The sum is cast as it is written (no float64 temporary of the volume).
+        np.add(basis.expand_eig(v_W[i], dtype=np.float64).reshape(-1), m[i], out=out[i], casting="unsafe")
 
 
 def _ones_eig(prob: "Problem", st: "VBState") -> np.ndarray:
