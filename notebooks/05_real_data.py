@@ -180,10 +180,11 @@ if DATA is not None:
 #
 # Note the convergence flag printed above: on binary masks turned into
 # sigmoid maps, most voxels are exact ties between the raters, and the
-# robust model's ELBO keeps creeping up for hundreds of iterations (on a
-# 120 000-voxel crop it had not met its tolerance after 1000). The figures
-# show the state after the iterations allowed; `models/robust_t.md`, "Ties
-# and the variance floor", explains what the ties do to the model.
+# robust model's ELBO can creep up for a hundred iterations or more (the
+# whole volume with geodesic maps: 121 iterations at the default variance
+# floor). The figures show the state after the iterations allowed;
+# `models/robust_t.md`, "Ties and the variance floor", explains what the
+# ties do to the model.
 #
 # ## 2. LIDC lung nodules (2-D)
 #
@@ -313,7 +314,7 @@ if DATA is not None:
 # - The robust model's mean $E[\tau]$ is lower for the crowd, but only a
 #   little: with binary masks turned into sigmoid maps, most voxels are
 #   exact ties (every rater 0 or 1), every rater's covariance sits at the
-#   floor `min_variance` and every $\nu$ near 1 (`models/robust_t.md`,
+#   floor `min_variance` and every $\nu$ between about 1 and 2 (`models/robust_t.md`,
 #   "Ties and the variance floor"). The separation of the two groups is
 #   clearer in the mixture of consensuses
 #   ([03_mixture_of_consensuses.py](03_mixture_of_consensuses.py)), which is

@@ -474,6 +474,21 @@ def test_recovers_sqrt_link_covariances_in_two_dimensions():
     assert np.corrcoef(st.mu_T.ravel(), truth["T"].ravel())[0, 1] > 0.99
 
 
+def test_sigma_T_is_not_held_at_the_raters_variance_floor():
+    """Sigma_T's floor is min(min_variance, 1e-4): the raters' default floor of 1e-3 would
+    hold it above its simulated value (3.2e-4) and widen every interval (card, "Ties and the
+    variance floor"). Measured on this draw: 1.9e-4 (the VB estimate runs below the truth)."""
+    cfg = R.Config()
+    assert cfg.variance_floor == 1e-3 and cfg.sigma_T_floor == 1e-4
+    assert R.Config(min_variance=1e-5).sigma_T_floor == 1e-5
+    _, truth = R.simulate(cfg, (32, 32, 16), 5, random_seed=2)
+    assert truth["sigma_T"] < cfg.variance_floor
+    prob = R.make_problem(G.from_coords(truth["coords"], G.link_space("sqrt", 2)), cfg, (32, 32, 16))
+    st, _, _ = R.solve(prob, cfg, max_iter=200, tol=1e-6, progress=False)
+    assert st.sigma_T < 0.8 * cfg.variance_floor
+    assert 0.3 * truth["sigma_T"] < st.sigma_T < 2 * truth["sigma_T"]
+
+
 # ------------------------------------------------------------------ outputs
 def test_fit_outputs_and_saving(tmp_path):
     data = _phantom()

@@ -112,7 +112,8 @@ class Config:
         Student-t likelihood is unbounded for tied data) and nu to its lower
         bound; see the card, section "Ties and the variance floor" (why
         1e-3: at 1e-4, the default until 2026-12-06, the posterior of T~ is
-        multimodal at disagreeing voxels and the fit 2.4 times slower).
+        multimodal where raters disagree, nu_p sits near 1, and most fits
+        converged several times more slowly).
     storage : {"auto", "float32", "float64"}
         Storage of per-voxel state (tau^, mu_T, prior mean); ``auto`` takes
         float64 up to 4 million rater-voxels and float32 above. Sums are
