@@ -40,9 +40,12 @@ FLAGS = (
 #: ``--dump-dom`` then prints.
 PROBE = """
 <script>
-window.addEventListener("load", async () => {
+window.addEventListener("load", () => {
+  // synchronous: the load event fires once every image has loaded, and
+  // --dump-dom prints the DOM right after it; an async handler (awaiting
+  // img.decode()) raced the dump: it lost in 3 of 8 runs beside a busy
+  // process, this one in none of 8
   const imgs = Array.from(document.images);
-  await Promise.all(imgs.map(i => i.decode().catch(() => null)));
   const out = {
     images: imgs.map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,
                             shown_w: i.getBoundingClientRect().width})),
@@ -95,9 +98,8 @@ def probe(chromium: str, html_path: Path, work: Path) -> dict:
     assert text.rstrip().endswith("</html>")
     copy = work / "probed.html"
     copy.write_text(text.replace("</body>", PROBE + "</body>"))
-    # on a loaded machine headless chromium sometimes dumps the DOM before the load
-    # handler has run (seen while NUTS sampled beside it; never on an idle machine):
-    # up to three tries, each a fresh browser
+    # up to three tries, each a fresh browser (kept from when the probe was async and
+    # lost the race with the dump under load; see PROBE)
     for _ in range(3):
         res = run_chromium(chromium, copy.as_uri(), "--dump-dom", "--virtual-time-budget=20000", "--window-size=1280,1000")
         m = re.search(r'<pre id="bf-probe">(.*?)</pre>', res.stdout, re.S)
