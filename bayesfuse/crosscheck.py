@@ -292,8 +292,8 @@ class CrossCheck:
     vb_seconds: float
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    #: Why NUTS was not healthy, where the model can say (robust-t: ``T_modes``,
-    #: :func:`bayesfuse.crosscheck_models.robust_t_modes`); written to ``/diagnostics``.
+    #: Why NUTS was not healthy, where the model can say (``Criteria.diagnose``; robust-t:
+    #: ``T_modes``, :func:`bayesfuse.crosscheck_models.robust_t_modes`); written to ``/diagnostics``.
     diagnostics: dict[str, xr.Dataset] = field(default_factory=dict)
 
     @property
@@ -359,8 +359,8 @@ class CrossCheck:
             lines.append(f"  k-hat: {self.khat_label}")
         for n in self.notes:
             lines.append(f"  note: {n}")
-        modes = self.diagnostics.get("T_modes")
-        if not self.health.ok and modes is not None and bool((modes["n_modes"] >= 2).any()):
+        multimodal = any("n_modes" in ds and bool((ds["n_modes"] >= 2).any()) for ds in self.diagnostics.values())
+        if not self.health.ok and multimodal:
             lines.append("  VERDICT: NUTS is NOT healthy, so no agreement is claimed (the posterior has several modes "
                          "where the chains disagree, see the note: more draws do not help)")
         elif not self.health.ok:
@@ -547,9 +547,7 @@ def run(
     diagnostics: dict[str, xr.Dataset] = {}
     if not health.ok and crit.diagnose is not None:
         # why the chains disagree, measured where the model can say (robust-t: its per-voxel modes)
-        ds, more = crit.diagnose(data, config, result, fixed, post)
-        if ds is not None:
-            diagnostics["T_modes"] = ds
+        diagnostics, more = crit.diagnose(data, config, result, fixed, post)
         notes = notes + more
     n_total = int(post.sizes["chain"] * post.sizes["draw"])
     q_tree = None

@@ -107,9 +107,11 @@ class Criteria:
     sbc_options : dict
         Config options used by the SBC (priors that draw plausible raters).
     diagnose : callable or None
-        ``diagnose(data, config, result, fixed, post) -> (Dataset or None,
-        notes)``: run when NUTS is not healthy, to say why (robust-t: its
-        per-voxel modes, :func:`robust_t_modes`, written as ``T_modes``).
+        ``diagnose(data, config, result, fixed, post) -> ({name: Dataset},
+        notes)``: run when NUTS is not healthy, to say why; the datasets go
+        to ``/diagnostics/<name>``, and one with ``n_modes >= 2`` somewhere
+        makes the verdict say the posterior is multimodal (robust-t: its
+        per-voxel modes, :func:`robust_t_modes`, as ``T_modes``).
     nuts_form : dict
         Options of ``build_model`` for the model NUTS samples, when a
         reparameterisation of the same posterior samples better (robust-t
@@ -202,6 +204,12 @@ _MIXTURE_REASON = (
     "chains are relabelled to q's components (Hungarian matching on w) before any comparison."
 )
 
+
+def _robust_t_diagnosis(data, config, result, fixed, post):
+    """``Criteria.diagnose`` of the robust-t family: :func:`robust_t_modes` as ``T_modes``."""
+    ds, notes = robust_t_modes(data, config, result, fixed, post)
+    return ({} if ds is None else {"T_modes": ds}), notes
+
 CRITERIA: dict[str, Criteria] = {
     "staple": Criteria("em", (*_THETA_LAPLACE, _CONSENSUS_EM), mode=True, khat_max=0.7, downsample="majority",
                        sbc_options=_STAPLE_SBC, reason=_EM_REASON + _LAPLACE_REASON),
@@ -225,7 +233,7 @@ CRITERIA: dict[str, Criteria] = {
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("tau", share=None), Rule("W", share=None)), khat_max=0.7, downsample="mean",
                          nuts_form={"bias_form": "mean-split", "whiten": True},
-                         diagnose=lambda *args: robust_t_modes(*args), reason=_RT_REASON + _RT_SPLIT + _RT_TAU),
+                         diagnose=_robust_t_diagnosis, reason=_RT_REASON + _RT_SPLIT + _RT_TAU),
     "gaussian": Criteria("vb", (Rule("T", within_sd=0.5, share=0.95, where="all"),
                                 Rule("b", within_sd=0.5, share=0.95, where="all"),
                                 Rule("W", share=None)), khat_max=0.7, downsample="mean",
@@ -675,8 +683,8 @@ def robust_t_modes(data, config, result, fixed: dict, post: xr.Dataset, *, rhat_
         prior_var = float(fixed["sigma_T"])
     else:
         prior_mean, prior_var = None, None
-    sd_min = float(np.sqrt(min(np.linalg.eigvalsh(S).min() for S in Sigma)))
-    sd_max = float(np.sqrt(max(np.linalg.eigvalsh(S).max() for S in Sigma)))
+    eig = np.linalg.eigvalsh(Sigma)
+    sd_min, sd_max = float(np.sqrt(eig.min())), float(np.sqrt(eig.max()))
     h = sd_min / 10
     mu_q = result.group("variational")["mu_T"].transpose(*sdims, "class").values.astype(float)
     n_chain = T.sizes["chain"]

@@ -32,7 +32,6 @@ data the same way.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +204,15 @@ def bubil_case(image_id: str, raters: str = "all", root=None, exclude_gold_rater
     return Case(f"bu-bil/{image_id}", data, gold, groups)
 
 
+def _without_image_suffix(name: str) -> str:
+    """A rater name without the suffix of an image file the project reads, if it has one."""
+    from .io import _suffix
+    from .manifest import READABLE_SUFFIXES
+
+    suf = _suffix(Path(name))
+    return name[: -len(suf)] if suf and suf in READABLE_SUFFIXES else name
+
+
 def export_case(case: Case, out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
     """Write a case as NIfTI files for the command line: one file per rater,
     ``image.nii.gz``, ``reference.nii.gz`` and ``groups.csv``."""
@@ -216,8 +224,7 @@ def export_case(case: Case, out_dir: str | os.PathLike, force: bool = False) -> 
     data = case.raters
     written = []
     # rater names read from files keep their suffix (Patient01Homo_Rad01.nii.gz): not twice
-    stems = [re.sub(r"\.(nii\.gz|nii|mha|mhd|nrrd)$", "", n) for n in data.rater_names]
-    planned = [out / (n.replace("/", "__") + ".nii.gz") for n in stems]
+    planned = [out / (_without_image_suffix(n).replace("/", "__") + ".nii.gz") for n in data.rater_names]
     if not force:
         for p in planned:
             if p.exists():

@@ -66,8 +66,8 @@ def test_export_case_writes_one_suffix(tmp_path):
 
     m = np.zeros((2, 8, 8, 4), dtype=np.uint8)
     m[:, 2:6, 2:6, 1:3] = 1
-    raters = RaterMaps.from_arrays(m, kind="binary", names=["Rad01.nii.gz", "Rad02.mha"])
-    case = datasets.Case("c", raters, groups={"Rad01.nii.gz": "expert", "Rad02.mha": "expert"})
+    raters = RaterMaps.from_arrays(m, kind="binary", names=["Rad01.nii.gz", "Rad02.tif"])
+    case = datasets.Case("c", raters, groups={"Rad01.nii.gz": "expert", "Rad02.tif": "expert"})
     written = datasets.export_case(case, tmp_path)
     assert sorted(p.name for p in written) == ["Rad01.nii.gz", "Rad02.nii.gz", "groups.csv"]
     assert (tmp_path / "groups.csv").read_text().splitlines()[1:] == ["Rad01.nii.gz,expert", "Rad02.nii.gz,expert"]
