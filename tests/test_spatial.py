@@ -42,6 +42,33 @@ def test_project_expand_against_dense(kb):
     np.testing.assert_allclose(kb.expand(w).reshape(2, -1), w.reshape(2, -1) @ Phi.T, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(11,), (7, 9), (5, 6, 4), (3, 4, 5, 2)], ids=["1d", "2d", "3d", "4d"])
+@pytest.mark.parametrize("chunk,threads", [(1, 1), (5, 2), (4096, 3)])
+def test_chunked_eigenbasis_products_against_dense(shape, chunk, threads):
+    """expand_eig_into and project_difference_eig (column chunks on threads, no volume-sized
+    temporary) against Psi = Phi U formed densely, for chunks that do and do not divide the
+    columns, on one or more threads, with two leading (class) indices."""
+    kb = KroneckerBasis.create(shape, spacing=(2.0, 3.0, 2.5, 2.0)[: len(shape)], width=2.2)
+    rng = np.random.default_rng(1)
+    Ud = np.ones((1, 1))
+    for U in kb.U:
+        Ud = np.kron(Ud, U)
+    Psi = kb.dense() @ Ud  # (N, L)
+    v = rng.normal(size=(2,) + kb.basis_shape)
+    add = np.array([0.25, -0.5])
+    out = np.full((2,) + kb.shape, np.nan, dtype=np.float32)
+    kb.expand_eig_into(v, add, out, chunk=chunk, threads=threads)
+    # float64 products, rounded once to float32: within half a float32 ulp of the float64 value
+    ref = v.reshape(2, -1) @ Psi.T + add[:, None]
+    np.testing.assert_allclose(out.reshape(2, -1), ref, rtol=2.0**-24 * (1 + 1e-9), atol=0)
+    a = rng.normal(size=(2,) + kb.shape).astype(np.float32)
+    b = rng.normal(size=(2,) + kb.shape).astype(np.float32)
+    z = kb.project_difference_eig(a, b, chunk=chunk, threads=threads)
+    assert z.shape == (2,) + kb.basis_shape and z.dtype == np.float64
+    ref = (a.astype(np.float64) - b).reshape(2, -1) @ Psi
+    np.testing.assert_allclose(z.reshape(2, -1), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_eigen_structure_against_dense(kb):
     G = kb.dense().T @ kb.dense()
     g = np.sort(kb.gram_eigenvalues().ravel())
