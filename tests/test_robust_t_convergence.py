@@ -153,3 +153,29 @@ def test_over_relaxation_reaches_in_40_iterations_what_plain_ascent_needs_120_fo
     assert np.all(np.diff(e_r) >= -r_r[1:])
     assert e_r[-1] > e_p[-1]
     assert max(st_r.W_relax) > 2.0  # the (q(W), m) factor grew past 2 and was kept
+
+
+@pytest.mark.parametrize("storage,rtol", [("float64", 1e-12), ("float32", 1e-6)])
+def test_kept_covariances_equal_rebuilt_ones(phantom_3d, storage, rtol):
+    """The D = 2 pass keeps q(T~)'s covariances between passes (VBState.S_q) for the next q(tau)
+    step; rebuilding them from E[tau] each pass (S_q dropped before every iteration) must give
+    the same iterations: to rounding with float64 storage, to float32 rounding (the kept ones
+    are stored rounded) with float32."""
+    cfg = R.Config(storage=storage)
+    runs = []
+    for drop in (False, True):
+        prob, _ = R.problem_from_data(phantom_3d, cfg)
+        st = R._init_state(prob, cfg, np.float32 if storage == "float32" else np.float64)
+        for _ in range(12):
+            if drop:
+                st.S_q = None
+            R.iterate(prob, st, cfg)
+        assert st.S_q is not None and st.S_q.dtype == st.mu_T.dtype
+        runs.append(st)
+    kept, rebuilt = runs
+    np.testing.assert_allclose(kept.elbo, rebuilt.elbo, rtol=rtol)
+    np.testing.assert_allclose(kept.tau, rebuilt.tau, rtol=100 * rtol)
+    np.testing.assert_allclose(kept.mu_T, rebuilt.mu_T, rtol=0, atol=100 * rtol)
+    # the kept covariances are those S_T_of rebuilds from E[tau] and the values q was computed with
+    S = R.S_T_of(prob, kept, cfg, np.float64)
+    np.testing.assert_allclose(kept.S_q, np.stack([S[:, 0, 0], S[:, 0, 1], S[:, 1, 1]]), rtol=10 * rtol, atol=0)
