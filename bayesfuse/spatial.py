@@ -289,12 +289,9 @@ class KroneckerBasis:
             out = contrib if out is None else out + contrib
         return out
 
-    def expand_eig(self, v: np.ndarray, dtype=np.float64) -> np.ndarray:
-        """Phi U v = Psi v: expansion of eigenbasis coordinates v = U' w."""
-        return mode_product(np.asarray(v), self.Psi, dtype=dtype)
-
     def expand_eig_into(self, v: np.ndarray, add, out: np.ndarray, chunk: int = 4096, threads: int = 1) -> None:
-        """out = Psi v + add, computed in float64 and cast as it is written to ``out``.
+        """out = Phi U v + add = Psi v + add (v = U' w: eigenbasis coordinates), computed in
+        float64 and cast as it is written to ``out``.
 
         ``v`` is (..., *basis_shape), ``add`` a scalar or one value per leading
         index, ``out`` (..., *shape). The products along every axis but the

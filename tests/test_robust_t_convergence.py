@@ -165,7 +165,7 @@ def test_kept_covariances_equal_rebuilt_ones(phantom_3d, storage, rtol):
     runs = []
     for drop in (False, True):
         prob, _ = R.problem_from_data(phantom_3d, cfg)
-        st = R._init_state(prob, cfg, np.float32 if storage == "float32" else np.float64)
+        st = R._init_state(prob, cfg, R._storage_dtype(cfg, prob.kd))
         for _ in range(12):
             if drop:
                 st.S_q = None

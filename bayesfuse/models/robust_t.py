@@ -1035,7 +1035,7 @@ def _storage_dtype(config: Config, kd: G.KernelData):
 
 # ------------------------------------------------------------ global updates
 def _prior_mean(basis: KroneckerBasis, v_W: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
-    """out[d, :] = Phi mu_W[d] + m[d] = Psi v_W[d] + m[d] (mode products), written class by class."""
+    """out[d, :] = Phi mu_W[d] + m[d] = Psi v_W[d] + m[d] (mode products; classes on get_num_threads() threads)."""
     # in float64, rounded once to the storage type: a float32 sum of Psi v
     # and m is rounded twice, and its bias (1e-7 per voxel) moved the ELBO.
     # The sum is cast as it is written (no float64 temporary of the volume).
@@ -1132,12 +1132,12 @@ def _run_pass(X, mode, *rest, S_q=None, S_valid=False):
     """The fused pass (:func:`_vb_pass2` for D = 2, :func:`_vb_pass` otherwise) on the input ``X`` (P, N, C).
 
     ``S_q``: q(T~)'s covariances kept between passes (D = 2 only; see :func:`_vb_pass2`).
-    Returns the kernel's sums and, last, sum_n mu_T[:, n] of the mu_T it stored (D,), float64.
+    Returns the kernel's sums and, last, sum_n mu_T[:, n] of the mu_T it stored (D,), float64
+    (None from :func:`_vb_pass`, which does not sum it: the q(W) step sums mu_T itself).
     """
     D = rest[1].shape[0]  # mu_T (D, N)
     if D != 2:
-        out = _vb_pass(X, mode, *rest)
-        return out + (rest[1].sum(axis=1, dtype=np.float64),)
+        return _vb_pass(X, mode, *rest) + (None,)
     # the columns as (P, N) views: unit stride along the voxels, which the vectorised loads need
     X0 = X[:, :, 0]
     X1 = X[:, :, 1] if X.shape[2] > 1 else X0[:, :0]
