@@ -20,7 +20,7 @@ def _scripted(monkeypatch, values, rounding, gaps=None):
     it = iter(values)
     git = iter(gaps if gaps is not None else [0.0] * len(values))
 
-    def fake_iterate(prob, st, config):
+    def fake_iterate(prob, st, config, keep_tau=True):
         v = next(it)
         st.elbo.append(v)
         st.rounding.append(rounding)
@@ -28,8 +28,48 @@ def _scripted(monkeypatch, values, rounding, gaps=None):
         return v
 
     monkeypatch.setattr(R, "iterate", fake_iterate)
-    st = SimpleNamespace(elbo=[], rounding=[], seconds=[], cpu_seconds=[], largest_decrease=0.0, T_shift=None, relax_gap=[])
+    st = SimpleNamespace(elbo=[], rounding=[], seconds=[], cpu_seconds=[], largest_decrease=0.0, T_shift=None, relax_gap=[],
+                         tau=np.ones(1))
     return R.solve(None, R.Config(), max_iter=len(values), tol=1e-6, progress=False, state=st)
+
+
+def _scripted_tau(monkeypatch, values, max_iter):
+    """solve() over a scripted ELBO sequence, recording which iterations were asked to store E[tau]."""
+    it = iter(values)
+    asked = []
+
+    def fake_iterate(prob, st, config, keep_tau=True):
+        asked.append(keep_tau)
+        st.tau = np.ones(1) if keep_tau else None
+        v = next(it)
+        st.elbo.append(v)
+        st.rounding.append(1e-3)
+        st.relax_gap.append(0.0)
+        return v
+
+    monkeypatch.setattr(R, "iterate", fake_iterate)
+    st = SimpleNamespace(elbo=[], rounding=[], seconds=[], cpu_seconds=[], largest_decrease=0.0, T_shift=None, relax_gap=[],
+                         tau=np.ones(1))
+    st, converged, _ = R.solve(None, R.Config(), max_iter=max_iter, tol=1e-6, progress=False, state=st)
+    return st, converged, asked
+
+
+def test_one_more_iteration_stores_tau_after_convergence(monkeypatch):
+    # the rule is met at the 3rd iteration, which did not store E[tau]: a 4th stores it and ends the run
+    vals = [1e6, 1e6 + 100, 1e6 + 100.1, 1e6 + 100.15, 1e6 + 500]
+    st, converged, asked = _scripted_tau(monkeypatch, vals, max_iter=5)
+    assert converged and asked == [False, False, False, True]
+    assert len(st.elbo) == 4 and st.tau is not None
+
+
+def test_the_max_iter_th_iteration_stores_tau(monkeypatch):
+    vals = [1e6, 1e6 + 100, 1e6 + 200, 1e6 + 300]
+    st, converged, asked = _scripted_tau(monkeypatch, vals, max_iter=4)
+    assert not converged and asked == [False, False, False, True] and st.tau is not None
+    # met at the max_iter-th iteration, which stored E[tau]: no iteration beyond max_iter
+    vals = [1e6, 1e6 + 100, 1e6 + 200, 1e6 + 200.1]
+    st, converged, asked = _scripted_tau(monkeypatch, vals, max_iter=4)
+    assert converged and asked == [False, False, False, True] and len(st.elbo) == 4
 
 
 def test_a_decrease_is_not_convergence(monkeypatch):
@@ -179,3 +219,23 @@ def test_kept_covariances_equal_rebuilt_ones(phantom_3d, storage, rtol):
     # the kept covariances are those S_T_of rebuilds from E[tau] and the values q was computed with
     S = R.S_T_of(prob, kept, cfg, np.float64)
     np.testing.assert_allclose(kept.S_q, np.stack([S[:, 0, 0], S[:, 0, 1], S[:, 1, 1]]), rtol=10 * rtol, atol=0)
+
+
+@pytest.mark.parametrize("storage", ["float64", "float32"])
+def test_iterations_that_do_not_store_tau_are_the_same_iterations(phantom_3d, storage):
+    """solve() stores E[tau] in its last iteration only (D = 2): the earlier passes compute and
+    sum it as always but do not write the P x N volume. The iterations must be those of
+    iterating with E[tau] stored every time, to the last bit, and the final E[tau] the same."""
+    cfg = R.Config(storage=storage)
+    prob, _ = R.problem_from_data(phantom_3d, cfg)
+    st_s, _, _ = R.solve(prob, cfg, max_iter=12, tol=-1.0, progress=False)
+    prob, _ = R.problem_from_data(phantom_3d, cfg)
+    st_k = R._init_state(prob, cfg, R._storage_dtype(cfg, prob.kd))
+    for i in range(12):
+        R.iterate(prob, st_k, cfg, keep_tau=(i == 11) or i % 2 == 1)
+        assert (st_k.tau is None) == (i % 2 == 0 and i != 11)  # not kept: freed, not stale
+    R._settle(st_k)
+    assert len(st_s.elbo) == 12 and st_s.tau is not None
+    np.testing.assert_array_equal(st_s.elbo, st_k.elbo)
+    np.testing.assert_array_equal(st_s.tau, st_k.tau)
+    np.testing.assert_array_equal(st_s.mu_T, st_k.mu_T)
