@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -165,6 +166,39 @@ def _column_tasks(n_lead: int, cols: int, threads: int) -> list[tuple[int, int, 
     parts = max(1, min(cols, -(-threads // max(n_lead, 1))))
     edges = np.linspace(0, cols, parts + 1).round().astype(int)
     return [(k, int(edges[i]), int(edges[i + 1])) for k in range(n_lead) for i in range(parts) if edges[i + 1] > edges[i]]
+
+
+#: The first axis's products over the volume (:meth:`KroneckerBasis.expand_eig_into`,
+#: :meth:`KroneckerBasis.project_difference_eig`) take Phi_0 as banded: an entry below
+#: BAND_TINY of Phi_0's largest is left out. Each term left out is then below 1e-17 of the
+#: largest term of its sum, under the rounding of the dense sum itself (L_0 terms, about
+#: 1e-15 of the largest), and the products cost about half the dense ones (Gaussians of
+#: width = spacing reach 1e-17 at 8.9 widths: 9-19 of 45 bases per voxel at spacing 4).
+BAND_TINY = 1e-17
+#: Voxels along the first axis per group of the expansion's banded product, and bases per
+#: group of the projection's: small enough that a group's band is much narrower than L_0,
+#: large enough that each product is still a reasonable BLAS call.
+BAND_ROWS = 16
+BAND_BASES = 8
+
+
+def row_bands(Phi: np.ndarray, rows: int, tiny: float = BAND_TINY) -> list[tuple[int, int, int, int]]:
+    """Groups of ``rows`` consecutive rows of ``Phi`` with the columns where any is not tiny:
+    (first row, end row, first column, end column), covering every row."""
+    keep = Phi > tiny * np.abs(Phi).max()
+    out = []
+    for a in range(0, Phi.shape[0], rows):
+        b = min(Phi.shape[0], a + rows)
+        cols = np.flatnonzero(keep[a:b].any(axis=0))
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 0)
+        out.append((a, b, lo, hi))
+    return out
+
+
+def column_bands(Phi: np.ndarray, cols: int, tiny: float = BAND_TINY) -> list[tuple[int, int, int, int]]:
+    """Groups of ``cols`` consecutive columns of ``Phi`` with the rows where any is not tiny:
+    (first column, end column, first row, end row), covering every column."""
+    return [(lo, hi, a, b) for lo, hi, a, b in row_bands(Phi.T, cols, tiny)]
 
 
 @dataclass(frozen=True)
@@ -305,23 +339,27 @@ class KroneckerBasis:
         v = np.asarray(v, dtype=np.float64)
         lead = v.shape[: v.ndim - self.ndim]
         V = v.reshape((-1,) + self.basis_shape)
-        n0 = self.shape[0]
+        n0, L0 = self.shape[0], self.basis_shape[0]
+        # Psi_0 v = Phi_0 (U_0 v): U_0 on the small stack, the banded Phi_0 on the volume
+        V = np.matmul(self.U[0], V.reshape(V.shape[0], L0, -1)).reshape(V.shape)
         O = out.reshape((V.shape[0], n0, -1))
         adds = np.broadcast_to(np.asarray(add, dtype=np.float64), lead).reshape(-1)
         cols = O.shape[2]
         # buffers made here, not in the worker threads: memory a thread allocates stays in its
         # malloc arena after it is freed (0.2 x the input's size at the benchmark's scale)
-        Ys = np.empty((V.shape[0], V.shape[1]) + self.shape[1:])
+        Ys = np.empty((V.shape[0], L0) + self.shape[1:])
         tmp = np.empty((V.shape[0],) + self.basis_shape[:-1] + self.shape[-1:]) if self.ndim == 3 else None
         _in_threads(lambda k: self._expand_rest(V[k], Ys[k], None if tmp is None else tmp[k]), range(V.shape[0]), threads)
-        Ys = Ys.reshape(V.shape[0], V.shape[1], -1)
+        Ys = Ys.reshape(V.shape[0], L0, -1)
+        bands = self._row_bands
 
         def run(task):
             k, c_lo, c_hi = task
             buf = np.empty((n0, min(chunk, c_hi - c_lo)))
             for c0 in range(c_lo, c_hi, chunk):
                 w = min(chunk, c_hi - c0)
-                np.matmul(self.Psi[0], Ys[k][:, c0 : c0 + w], out=buf[:, :w])
+                for (a, b, lo, hi), P in bands:
+                    np.matmul(P, Ys[k][lo:hi, c0 : c0 + w], out=buf[a:b, :w])
                 np.add(buf[:, :w], adds[k], out=O[k, :, c0 : c0 + w], casting="unsafe")
 
         _in_threads(run, _column_tasks(V.shape[0], cols, threads), threads)
@@ -336,28 +374,43 @@ class KroneckerBasis:
         ``threads`` as in :meth:`expand_eig_into`.
         """
         lead = a.shape[: a.ndim - self.ndim]
-        n0 = self.shape[0]
+        n0, L0 = self.shape[0], self.basis_shape[0]
         A = a.reshape((-1, n0, self.n_voxels // n0))
         B = b.reshape(A.shape)
         cols = A.shape[2]
-        P0t = np.ascontiguousarray(self.Psi[0].T, dtype=np.float32)
-        acc = np.empty((A.shape[0], P0t.shape[0], cols), dtype=np.float32)
+        acc = np.empty((A.shape[0], L0, cols), dtype=np.float32)
+        bands = self._column_bands
 
         def run(task):
+            # Psi_0' x = U_0' (Phi_0' x): the banded Phi_0' here, U_0' on the small stack below
             k, c_lo, c_hi = task
             diff = np.empty((n0, min(chunk, c_hi - c_lo)), dtype=np.float32)
             for c0 in range(c_lo, c_hi, chunk):
                 w = min(chunk, c_hi - c0)
                 np.subtract(A[k, :, c0 : c0 + w], B[k, :, c0 : c0 + w], out=diff[:, :w])
-                np.matmul(P0t, diff[:, :w], out=acc[k, :, c0 : c0 + w])
+                for (lo, hi, ra, rb), Pt in bands:
+                    np.matmul(Pt, diff[ra:rb, :w], out=acc[k, lo:hi, c0 : c0 + w])
 
         _in_threads(run, _column_tasks(A.shape[0], cols, threads), threads)
-        L0 = P0t.shape[0]
         res = np.empty((A.shape[0],) + self.basis_shape, dtype=np.float32)
         tmp = np.empty((A.shape[0], L0) + self.shape[1:-1] + self.basis_shape[-1:], dtype=np.float32) if self.ndim == 3 else None
         _in_threads(lambda k: self._project_rest(acc[k].reshape((L0,) + self.shape[1:]), res[k], None if tmp is None else tmp[k]),
                     range(A.shape[0]), threads)
-        return res.reshape(lead + self.basis_shape).astype(np.float64)
+        out = np.matmul(self.U[0].T, res.reshape(A.shape[0], L0, -1).astype(np.float64))
+        return out.reshape(lead + self.basis_shape)
+
+    @cached_property
+    def _row_bands(self) -> list:
+        """Phi_0's row groups (see :func:`row_bands`) with each group's block, float64, contiguous."""
+        P = self.Phi[0]
+        return [((a, b, lo, hi), np.ascontiguousarray(P[a:b, lo:hi])) for a, b, lo, hi in row_bands(P, BAND_ROWS)]
+
+    @cached_property
+    def _column_bands(self) -> list:
+        """Phi_0's column groups (see :func:`column_bands`) with each group's block transposed, float32."""
+        P = self.Phi[0]
+        return [((lo, hi, a, b), np.ascontiguousarray(P[a:b, lo:hi].T, dtype=np.float32))
+                for lo, hi, a, b in column_bands(P, BAND_BASES)]
 
     def _expand_rest(self, v: np.ndarray, out: np.ndarray, tmp: np.ndarray | None) -> None:
         """out = v x_1 Psi_1 x_2 Psi_2 ... (every axis but the first), into given buffers (float64)."""

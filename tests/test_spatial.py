@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bayesfuse.spatial import KroneckerBasis, basis_1d
+from bayesfuse.spatial import BAND_TINY, KroneckerBasis, basis_1d, column_bands, row_bands
 
 
 @pytest.fixture(params=[(7, 9), (5, 6, 4)], ids=["2d", "3d"])
@@ -120,3 +120,21 @@ def test_bad_basis_options():
         KroneckerBasis.create((5, 5), spacing=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="units"):
         KroneckerBasis.create((5, 5), units="cm")
+
+
+@pytest.mark.parametrize("n,spacing,width,group", [(180, 4.0, None, 16), (37, 3.0, 7.0, 5), (9, 2.0, None, 16), (60, 4.0, 0.5, 1)])
+def test_bands_cover_every_entry_they_leave_out_is_tiny(n, spacing, width, group):
+    Phi, _ = basis_1d(n, spacing, width)
+    tiny = BAND_TINY * Phi.max()
+    # row_bands: (rows a:b, columns lo:hi) of Phi; column_bands: (columns, rows) of Phi, i.e. row bands of Phi'
+    for bands, M in ((row_bands(Phi, group), Phi), (column_bands(Phi, group), Phi.T)):
+        covered = np.zeros(M.shape, bool)
+        starts = [a for a, _, _, _ in bands]
+        assert starts == list(range(0, M.shape[0], group)) and bands[-1][1] == M.shape[0]
+        for a, b, lo, hi in bands:
+            covered[a:b, lo:hi] = True
+        assert np.all(M[~covered] <= tiny)
+    # at the benchmark's spacing the products are banded: each row group needs about half of the bases
+    if (n, spacing, width) == (180, 4.0, None):
+        widths = [hi - lo for _, _, lo, hi in row_bands(Phi, group)]
+        assert max(widths) < 0.6 * Phi.shape[1]
