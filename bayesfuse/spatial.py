@@ -338,19 +338,12 @@ class KroneckerBasis:
         """
         v = np.asarray(v, dtype=np.float64)
         lead = v.shape[: v.ndim - self.ndim]
-        V = v.reshape((-1,) + self.basis_shape)
-        n0, L0 = self.shape[0], self.basis_shape[0]
-        # Psi_0 v = Phi_0 (U_0 v): U_0 on the small stack, the banded Phi_0 on the volume
-        V = np.matmul(self.U[0], V.reshape(V.shape[0], L0, -1)).reshape(V.shape)
-        O = out.reshape((V.shape[0], n0, -1))
+        n0 = self.shape[0]
+        # Psi_0 v = Phi_0 (U_0 v): U_0 and the other axes on the small stack, the banded Phi_0 on the volume
+        Ys = self.expand_rest_eig(v, threads).reshape(-1, self.basis_shape[0], self.n_voxels // n0)
+        O = out.reshape((Ys.shape[0], n0, -1))
         adds = np.broadcast_to(np.asarray(add, dtype=np.float64), lead).reshape(-1)
         cols = O.shape[2]
-        # buffers made here, not in the worker threads: memory a thread allocates stays in its
-        # malloc arena after it is freed (0.2 x the input's size at the benchmark's scale)
-        Ys = np.empty((V.shape[0], L0) + self.shape[1:])
-        tmp = np.empty((V.shape[0],) + self.basis_shape[:-1] + self.shape[-1:]) if self.ndim == 3 else None
-        _in_threads(lambda k: self._expand_rest(V[k], Ys[k], None if tmp is None else tmp[k]), range(V.shape[0]), threads)
-        Ys = Ys.reshape(V.shape[0], L0, -1)
         bands = self._row_bands
 
         def run(task):
@@ -362,7 +355,56 @@ class KroneckerBasis:
                     np.matmul(P, Ys[k][lo:hi, c0 : c0 + w], out=buf[a:b, :w])
                 np.add(buf[:, :w], adds[k], out=O[k, :, c0 : c0 + w], casting="unsafe")
 
-        _in_threads(run, _column_tasks(V.shape[0], cols, threads), threads)
+        _in_threads(run, _column_tasks(Ys.shape[0], cols, threads), threads)
+
+    def expand_rest_eig(self, v: np.ndarray, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+        """Psi v but for the first axis's Phi_0: (U_0 v) x_1 Psi_1 x_2 Psi_2 ..., float64.
+
+        ``v`` is (..., *basis_shape); returns (..., L_0, n_1 * n_2 * ...). The
+        prior mean is then Phi_0 times this along the first axis, a product
+        over the volume that the caller takes (banded, see ``row_bands``).
+        Memory a thread allocates stays in its malloc arena, so the buffers
+        are made here and the leading indices run on ``threads`` threads.
+        ``out``: a float64 array of the result's size to write into (reused
+        between calls, it is not page-faulted again).
+        """
+        v = np.asarray(v, dtype=np.float64)
+        lead = v.shape[: v.ndim - self.ndim]
+        L0 = self.basis_shape[0]
+        V = v.reshape((-1, L0, self.n_basis // L0))
+        V = np.matmul(self.U[0], V).reshape((-1,) + self.basis_shape)
+        if out is None:
+            out = np.empty(lead + (L0, self.n_voxels // self.shape[0]))
+        Ys = out.reshape((V.shape[0], L0) + self.shape[1:])
+        tmp = np.empty((V.shape[0],) + self.basis_shape[:-1] + self.shape[-1:]) if self.ndim == 3 else None
+        _in_threads(lambda k: self._expand_rest(V[k], Ys[k], None if tmp is None else tmp[k]), range(V.shape[0]), threads)
+        return out
+
+    def project_rest_eig(self, acc: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Completes Psi' x from Phi_0' x: ``acc`` (..., L_0, n_1 * n_2 * ...) -> (..., *basis_shape), float64.
+
+        The other axes' Psi_a' and then U_0', all on the small stack and in
+        float64 (``acc``'s dtype when it is float64).
+        """
+        lead = acc.shape[:-2]
+        L0 = self.basis_shape[0]
+        A = acc.reshape((-1, L0) + self.shape[1:])
+        dt = acc.dtype
+        res = np.empty((A.shape[0],) + self.basis_shape, dtype=dt)
+        tmp = np.empty((A.shape[0], L0) + self.shape[1:-1] + self.basis_shape[-1:], dtype=dt) if self.ndim == 3 else None
+        _in_threads(lambda k: self._project_rest(A[k], res[k], None if tmp is None else tmp[k]), range(A.shape[0]), threads)
+        out = np.matmul(self.U[0].T, res.reshape(A.shape[0], L0, -1).astype(np.float64, copy=False))
+        return out.reshape(lead + self.basis_shape)
+
+    def row_band_table(self, rows: int = BAND_ROWS) -> np.ndarray:
+        """Phi_0's groups of ``rows`` rows (see :func:`row_bands`) as an int64 (groups, 4) table: a, b, lo, hi."""
+        if rows not in self._band_tables:
+            self._band_tables[rows] = np.array(row_bands(self.Phi[0], rows), dtype=np.int64).reshape(-1, 4)
+        return self._band_tables[rows]
+
+    @cached_property
+    def _band_tables(self) -> dict:
+        return {}
 
     def project_difference_eig(self, a: np.ndarray, b: np.ndarray, chunk: int = 4096, threads: int = 1) -> np.ndarray:
         """Psi' (a - b) for float32 volumes (..., *shape), contracted in float32, returned in float64.
@@ -426,17 +468,18 @@ class KroneckerBasis:
             out[...] = mode_product(v, (None,) + self.Psi[1:])
 
     def _project_rest(self, x: np.ndarray, out: np.ndarray, tmp: np.ndarray | None) -> None:
-        """out = x x_1 Psi_1' x_2 Psi_2' ... (every axis but the first), float32, into given buffers."""
+        """out = x x_1 Psi_1' x_2 Psi_2' ... (every axis but the first), in x's dtype, into given buffers."""
+        dt = x.dtype
         if self.ndim == 1:
             out[...] = x
         elif self.ndim == 2:
-            np.matmul(x, self.Psi[1].astype(np.float32), out=out)
+            np.matmul(x, self.Psi[1].astype(dt), out=out)
         elif self.ndim == 3:
             L0, n1, n2 = x.shape
-            np.matmul(x.reshape(L0 * n1, n2), self.Psi[2].astype(np.float32), out=tmp.reshape(L0 * n1, -1))
-            np.matmul(self.Psi[1].T.astype(np.float32), tmp, out=out)
+            np.matmul(x.reshape(L0 * n1, n2), self.Psi[2].astype(dt), out=tmp.reshape(L0 * n1, -1))
+            np.matmul(self.Psi[1].T.astype(dt), tmp, out=out)
         else:
-            out[...] = mode_product(x, (None,) + self.Psi[1:], transpose=True)
+            out[...] = mode_product(x, (None,) + self.Psi[1:], transpose=True, dtype=dt)
 
     def rotate(self, w: np.ndarray) -> np.ndarray:
         """U' w: coordinates in the eigenbasis of Phi' Phi."""

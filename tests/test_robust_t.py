@@ -138,7 +138,7 @@ def test_fused_iteration_equals_the_pure_updates():
     np.testing.assert_allclose(R.mu_W_of(prob, st), mu_W, rtol=1e-9, atol=1e-12)
     PhiW = mu_W.reshape(2, -1) @ prob.basis.dense().T
     np.testing.assert_allclose(m, R.update_m(mu_T.sum(1), PhiW.sum(1), prob.n_voxels), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(st.prior_mean, PhiW + st.m[:, None], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(R.prior_mean_of(prob, st), PhiW + st.m[:, None], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(R.S_T_of(prob, st, cfg), S_T, rtol=1e-10)
 
 

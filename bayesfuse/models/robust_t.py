@@ -652,256 +652,412 @@ def _sum_log(v, n):
     return s
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _vb_pass2(X0, X1, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, trace_b, a_tau, nu,
-              prior_prec, prior_prec_prev, robust, block, relax=1.0, single=False, S_q=None, S_valid=False,
-              store_tau=True):
-    """:func:`_vb_pass` written out for D = 2 (two classes with the sqrt link).
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _copy(dst, src, n):
+    """dst[:n] = src[:n] (cast to dst's type). Offsets go into the slices, not the indices:
+    an index like ``a[n0 + j]`` gets numba's negative-index wraparound select, which keeps
+    LLVM from contiguous vector loads; ``a[j]`` over ``range`` does not."""
+    for j in range(n):
+        dst[j] = src[j]
 
-    The same updates and sums, organised for SIMD: within a block of voxels
-    each step loops over raters outside and voxels inside, on short
-    contiguous scratch vectors, with the 2 x 2 algebra in closed form. An
-    unobserved voxel gets weight 0 for every rater, which makes its q(T~)
-    the prior without a branch. ``X0`` (and ``X1`` for precomputed
-    coordinates) are the input's columns as 2-D (P, N) arrays, so that loads
-    along the voxels are unit-stride. Every loop over a block's voxels
-    vectorises (LLVM's loop-vectorize remarks): no ``max()`` (a call) in
-    them, no division checks (``error_model="numpy"``: the divisors are
-    precisions' determinants and rates, positive), and the per-voxel solve
-    split from the stores of mu_T it reads back.
+
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _band_rows_into(out, phi, Zk, lo, hi, c0, C, add):
+    """out[:C] = add + sum_{l in lo:hi} phi[l] Zk[l, c0:c0 + C]: one voxel row of the prior mean
+    (four bases per sweep of ``out``, so that it is loaded and stored a quarter as often)."""
+    for cl in range(C):
+        out[cl] = add
+    l = lo
+    while l + 4 <= hi:
+        f0, f1, f2, f3 = phi[l], phi[l + 1], phi[l + 2], phi[l + 3]
+        z0, z1 = Zk[l, c0 : c0 + C], Zk[l + 1, c0 : c0 + C]
+        z2, z3 = Zk[l + 2, c0 : c0 + C], Zk[l + 3, c0 : c0 + C]
+        for cl in range(C):
+            out[cl] += (f0 * z0[cl] + f1 * z1[cl]) + (f2 * z2[cl] + f3 * z3[cl])
+        l += 4
+    while l < hi:
+        f0 = phi[l]
+        z0 = Zk[l, c0 : c0 + C]
+        for cl in range(C):
+            out[cl] += f0 * z0[cl]
+        l += 1
+
+
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _band_cols_add(out, phi, r, R, C):
+    """out[:C] += sum_{s < R} phi[s] r[s C : (s + 1) C]: one basis's row of the residual's projection
+    (four voxel rows per sweep of ``out``)."""
+    s = 0
+    while s + 4 <= R:
+        f0, f1, f2, f3 = phi[s], phi[s + 1], phi[s + 2], phi[s + 3]
+        j = s * C
+        r0, r1 = r[j : j + C], r[j + C : j + 2 * C]
+        r2, r3 = r[j + 2 * C : j + 3 * C], r[j + 3 * C : j + 4 * C]
+        for cl in range(C):
+            out[cl] += (f0 * r0[cl] + f1 * r1[cl]) + (f2 * r2[cl] + f3 * r3[cl])
+        s += 4
+    while s < R:
+        f0 = phi[s]
+        r0 = r[s * C : s * C + C]
+        for cl in range(C):
+            out[cl] += f0 * r0[cl]
+        s += 1
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+def _vb_pass2(X0, X1, mode, tau, mu_T, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, trace_b, a_tau, nu,
+              prior_prec, prior_prec_prev, robust, relax, single, S_q, S_valid, store_tau,
+              M, groups, strip, Phi0, PhiT, Z, m, proj):
+    """:func:`_vb_pass` written out for D = 2 (two classes with the sqrt link), with the spatial
+    prior's first-axis products fused in.
+
+    Layout. The N voxels are rows of ``M`` (the grid's first axis by the
+    rest, C order; one row of N without the spatial prior). The pass runs
+    over column strips of ``strip`` columns in parallel; each strip walks
+    down the row groups ``groups[g] = (a, b, lo, hi)`` (rows a:b, whose
+    bases along the first axis are lo:hi, see ``spatial.row_bands``), and a
+    block is one group of one strip. Per-voxel values are gathered from the
+    volumes into contiguous scratch and scattered back, so every step below
+    is a loop over raters outside and the block's voxels inside, on short
+    contiguous vectors, with the 2 x 2 algebra in closed form. An unobserved
+    voxel gets weight 0 for every rater, which makes its q(T~) the prior
+    without a branch. Every loop over a block's voxels vectorises (LLVM's
+    loop-vectorize remarks): no ``max()`` (a call) in them, no division
+    checks (``error_model="numpy"``: the divisors are precisions'
+    determinants and rates, positive), the per-voxel solve split from the
+    stores of mu_T it reads back.
+
+    Spatial prior (``Z`` (2, L_0, M) not empty). The prior mean of a block
+    is formed here, m + Phi_0[rows, lo:hi] Z[:, lo:hi, cols] in float64
+    (``Z`` = the other axes' products of U_0 v_W, float64), and is not
+    stored; after q(T~) the block adds Phi_0[rows, lo:hi]' (mu_T - prior
+    mean) to ``proj[:, lo:hi, cols]``: the first axis's product of the
+    residual's projection, which the q(W) step completes on the small stack
+    (``KroneckerBasis.project_rest_eig``). It is taken in ``proj``'s type,
+    the storage type (``PhiT`` = Phi_0' in that type): float32 for float32
+    storage, as the residual's sgemm was (the residual is small, so its
+    float32 rounding is small in absolute terms: section "Float32 storage"
+    of the card). A strip owns its columns of ``proj``, so strips do not
+    race. This replaces two sweeps over the volume (the prior mean's
+    expansion, the residual's projection) and the stored prior mean.
 
     ``single`` (float32 storage): the per-rater scratch (D~ and the weights)
     is float32 and the square roots are taken in float32. That is the same
     D~ as float64 roots rounded to float32 (a correctly rounded float32
     root), 3e-8 off the float64 value, the same in every pass; the weights
     are the stored float32 E[tau] (times 0 or 1) exactly; every difference
-    and sum is formed in float64. It halves the scratch's cache traffic and
-    the roots' cost: 0.30 s against 0.33 s a pass on the benchmark volume.
+    and sum is formed in float64. Stored values (mu_T, S_q, E[tau]) pass
+    through scratch of the storage type, so that the sums are those of the
+    values as stored.
 
     ``S_q`` (3, N) (robust model): q(T~)'s covariances (S00, S01, S11) in the
-    storage type, written by the q(T~) step and read back, so that the ELBO
-    (entropy, sums) is that of the stored covariances; with ``S_valid``
-    (they are the ones the last pass wrote, from the current E[tau],
-    ``Sinv_prev`` and ``prior_prec_prev``) the q(tau) step reads them instead
-    of rebuilding them from E[tau] (a loop over raters and a 2 x 2 inverse
-    per voxel: 0.04 s of a 0.30 s pass). An empty ``S_q`` (3, 0): not kept.
+    storage type, written by the q(T~) step; with ``S_valid`` (they are the
+    ones the last pass wrote, from the current E[tau], ``Sinv_prev`` and
+    ``prior_prec_prev``) the q(tau) step reads them instead of rebuilding
+    them from E[tau]. An empty ``S_q`` (3, 0): not kept.
 
     ``store_tau`` False (robust, with ``S_q`` kept and valid): E[tau] is
-    computed, used and summed as always but not written to ``tau``. Nothing
+    computed, used and summed as always but not written to ``tau``; nothing
     in the next pass reads it then (q(tau) is rebuilt from mu_T and
-    ``S_q``), and writing the P x N volume cost 0.03 s of a 0.27 s pass.
+    ``S_q``).
     """
     P, N = X0.shape[0], X0.shape[1]
     has_obs = obs.shape[0] > 0
-    has_mean = prior_mean.shape[1] > 0
-    nb = (N + block - 1) // block
-    acc = np.zeros((nb, P, 10))  # sw, s1[2], s2[00, 01, 11], sS[00, 01, 11], slogc
-    glob = np.zeros((nb, 7))  # sum log|S_T|, sum mu_T^2 [2], sum S_T[k, k] [2], sum mu_T [2]
-    short = np.zeros(nb)  # ELBO the over-relaxed mean steps give up against plain ones (eq:rt-overrelax)
+    has_mean = Z.shape[1] > 0
+    n_groups = groups.shape[0]
+    n_strips = (M + strip - 1) // strip
+    rows_max = 0
+    for g in range(n_groups):
+        if groups[g, 1] - groups[g, 0] > rows_max:
+            rows_max = groups[g, 1] - groups[g, 0]
+    L0 = Z.shape[1]
+    acc = np.zeros((n_strips, P, 10))  # sw, s1[2], s2[00, 01, 11], sS[00, 01, 11], slogc
+    glob = np.zeros((n_strips, 7))  # sum log|S_T|, sum mu_T^2 [2], sum S_T[k, k] [2], sum mu_T [2]
+    short = np.zeros(n_strips)  # ELBO the over-relaxed mean steps give up against plain ones (eq:rt-overrelax)
     s00, s01, s11 = Sinv[:, 0, 0].copy(), Sinv[:, 0, 1].copy(), Sinv[:, 1, 1].copy()
     q00, q01, q11 = Sinv_prev[:, 0, 0].copy(), Sinv_prev[:, 0, 1].copy(), Sinv_prev[:, 1, 1].copy()
     b0, b1 = mu_b[:, 0].copy(), mu_b[:, 1].copy()
     bt0, bt1 = mu_b_tau[:, 0].copy(), mu_b_tau[:, 1].copy()
     sh0, sh1 = b0[0] - bt0[0], b1[0] - bt1[0]  # pending gauge shift of the stored mu_T
     keep_S = S_q.shape[1] > 0
-    for ib in prange(nb):
-        n0 = ib * block
-        B = min(N, n0 + block) - n0
-        d0 = np.empty((P, B), dtype=mu_T.dtype)
-        d1 = np.empty((P, B), dtype=mu_T.dtype)
-        t = np.empty((P, B), dtype=mu_T.dtype)
-        w = np.empty(B)
-        c = np.empty(B)
-        l00 = np.empty(B)
-        l01 = np.empty(B)
-        l11 = np.empty(B)
-        h0 = np.empty(B)
-        h1 = np.empty(B)
-        k00 = np.empty(B)
-        k01 = np.empty(B)
-        k11 = np.empty(B)
-        for j in range(B):
-            w[j] = 0.0 if has_obs and obs[n0 + j] == 0 else 1.0
-        for p in range(P):
-            if mode == G.MODE_SQRT2:
-                if single:
-                    one = np.float32(1.0)
-                    zero = np.float32(0.0)
-                    for j in range(B):
-                        f32 = np.float32(X0[p, n0 + j])
-                        g32 = one - f32
-                        d0[p, j] = np.sqrt(g32 if g32 > zero else zero)
-                        d1[p, j] = np.sqrt(f32 if f32 > zero else zero)
+    for ic in prange(n_strips):
+        c0 = ic * strip
+        C = min(M, c0 + strip) - c0
+        Bm = rows_max * C
+        d0 = np.empty((P, Bm), dtype=mu_T.dtype)
+        d1 = np.empty((P, Bm), dtype=mu_T.dtype)
+        t = np.empty((P, Bm), dtype=mu_T.dtype)
+        w = np.empty(Bm)
+        c = np.empty(Bm)
+        u0 = np.empty(Bm)
+        u1 = np.empty(Bm)
+        l00 = np.empty(Bm)
+        l01 = np.empty(Bm)
+        l11 = np.empty(Bm)
+        h0 = np.empty(Bm)
+        h1 = np.empty(Bm)
+        k00 = np.empty(Bm)
+        k01 = np.empty(Bm)
+        k11 = np.empty(Bm)
+        pm0 = np.empty(Bm)
+        pm1 = np.empty(Bm)
+        st0 = np.empty(Bm, dtype=mu_T.dtype)  # values as stored: mu_T, then S_q
+        st1 = np.empty(Bm, dtype=mu_T.dtype)
+        st2 = np.empty(Bm, dtype=mu_T.dtype)
+        rr0 = np.empty(Bm, dtype=proj.dtype)  # the residual mu_T - prior mean, in proj's type
+        rr1 = np.empty(Bm, dtype=proj.dtype)
+        if has_mean:
+            for k in range(2):
+                for l in range(L0):
+                    pr = proj[k, l, c0 : c0 + C]
+                    for cl in range(C):
+                        pr[cl] = 0.0
+        for g in range(n_groups):
+            ga, gb, lo, hi = groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3]
+            R = gb - ga
+            B = R * C
+            # gather: weights, D~, the stored mu_T (and S_q or E[tau])
+            for s in range(R):
+                n0 = (ga + s) * M + c0
+                jb = s * C
+                ws, us0, us1 = w[jb : jb + C], u0[jb : jb + C], u1[jb : jb + C]
+                m0s, m1s = mu_T[0, n0 : n0 + C], mu_T[1, n0 : n0 + C]
+                if has_obs:
+                    os_ = obs[n0 : n0 + C]
+                    for cl in range(C):
+                        ws[cl] = 0.0 if os_[cl] == 0 else 1.0
                 else:
-                    for j in range(B):
-                        f = np.float64(X0[p, n0 + j])
-                        g = 1.0 - f
-                        d0[p, j] = math.sqrt(g if g > 0.0 else 0.0)
-                        d1[p, j] = math.sqrt(f if f > 0.0 else 0.0)
-            else:
+                    for cl in range(C):
+                        ws[cl] = 1.0
+                for cl in range(C):
+                    us0[cl] = m0s[cl]
+                    us1[cl] = m1s[cl]
+            for p in range(P):
+                for s in range(R):
+                    n0 = (ga + s) * M + c0
+                    jb = s * C
+                    x0 = X0[p, n0 : n0 + C]
+                    e0s, e1s = d0[p, jb : jb + C], d1[p, jb : jb + C]
+                    if mode == G.MODE_SQRT2:
+                        if single:
+                            one = np.float32(1.0)
+                            zero = np.float32(0.0)
+                            for cl in range(C):
+                                f32 = np.float32(x0[cl])
+                                g32 = one - f32
+                                e0s[cl] = np.sqrt(g32 if g32 > zero else zero)
+                                e1s[cl] = np.sqrt(f32 if f32 > zero else zero)
+                        else:
+                            for cl in range(C):
+                                f = np.float64(x0[cl])
+                                gg = 1.0 - f
+                                e0s[cl] = math.sqrt(gg if gg > 0.0 else 0.0)
+                                e1s[cl] = math.sqrt(f if f > 0.0 else 0.0)
+                    else:
+                        x1 = X1[p, n0 : n0 + C]
+                        for cl in range(C):
+                            e0s[cl] = x0[cl]
+                            e1s[cl] = x1[cl]
+            if robust and S_valid:
+                # q(T~)'s current covariance, as the last pass stored it
+                for s in range(R):
+                    n0 = (ga + s) * M + c0
+                    jb = s * C
+                    a0s, a1s, a2s = l00[jb : jb + C], l01[jb : jb + C], l11[jb : jb + C]
+                    q0s, q1s, q2s = S_q[0, n0 : n0 + C], S_q[1, n0 : n0 + C], S_q[2, n0 : n0 + C]
+                    for cl in range(C):
+                        a0s[cl] = q0s[cl]
+                        a1s[cl] = q1s[cl]
+                        a2s[cl] = q2s[cl]
+            elif robust:
+                # q(T~)'s current covariance, from the values it was computed with
                 for j in range(B):
-                    d0[p, j] = X0[p, n0 + j]
-                    d1[p, j] = X1[p, n0 + j]
-        if robust and S_valid:
-            # q(T~)'s current covariance, as the last pass stored it
+                    l00[j] = prior_prec_prev
+                    l01[j] = 0.0
+                    l11[j] = prior_prec_prev
+                for p in range(P):
+                    for s in range(R):
+                        n0 = (ga + s) * M + c0
+                        jb = s * C
+                        ws, ts = w[jb : jb + C], tau[p, n0 : n0 + C]
+                        a0s, a1s, a2s = l00[jb : jb + C], l01[jb : jb + C], l11[jb : jb + C]
+                        for cl in range(C):
+                            tp = ws[cl] * ts[cl]
+                            a0s[cl] += tp * q00[p]
+                            a1s[cl] += tp * q01[p]
+                            a2s[cl] += tp * q11[p]
+                for j in range(B):
+                    det = l00[j] * l11[j] - l01[j] * l01[j]
+                    a00 = l11[j] / det
+                    l01[j] = -l01[j] / det
+                    l11[j] = l00[j] / det
+                    l00[j] = a00
+            if robust:
+                for p in range(P):
+                    for j in range(B):
+                        e0 = np.float64(d0[p, j]) - u0[j] - bt0[p]
+                        e1 = np.float64(d1[p, j]) - u1[j] - bt1[p]
+                        quad = s00[p] * e0 * e0 + 2.0 * s01[p] * e0 * e1 + s11[p] * e1 * e1
+                        tr = s00[p] * l00[j] + 2.0 * s01[p] * l01[j] + s11[p] * l11[j]
+                        cj = 0.5 * nu[p] + 0.5 * (quad + tr + trace_b[p])
+                        t[p, j] = w[j] * (a_tau[p] / cj)  # E[tau] in the storage type (0 where unobserved)
+                    for j in range(B):
+                        tp = np.float64(t[p, j]) + (1.0 - w[j])  # E[tau] as stored (1 where unobserved)
+                        c[j] = w[j] * (a_tau[p] / tp) + (1.0 - w[j])  # its rate a / E[tau]; log 1 = 0 unobserved
+                    acc[ic, p, 9] += _sum_log(c, B)
+                    if store_tau:
+                        for s in range(R):
+                            n0 = (ga + s) * M + c0
+                            jb = s * C
+                            ts, tt, ws = tau[p, n0 : n0 + C], t[p, jb : jb + C], w[jb : jb + C]
+                            for cl in range(C):
+                                ts[cl] = tt[cl] + (1.0 - ws[cl])
+            else:
+                for p in range(P):
+                    for j in range(B):
+                        t[p, j] = w[j]
+            # the prior mean: m + Phi_0[rows, lo:hi] Z[:, lo:hi, cols]
+            if has_mean:
+                for s in range(R):
+                    jb = s * C
+                    _band_rows_into(pm0[jb : jb + C], Phi0[ga + s], Z[0], lo, hi, c0, C, m[0])
+                    _band_rows_into(pm1[jb : jb + C], Phi0[ga + s], Z[1], lo, hi, c0, C, m[1])
+            # q(T~) with the new weights
             for j in range(B):
-                l00[j] = S_q[0, n0 + j]
-                l01[j] = S_q[1, n0 + j]
-                l11[j] = S_q[2, n0 + j]
-        elif robust:
-            # q(T~)'s current covariance, from the values it was computed with
-            for j in range(B):
-                l00[j] = prior_prec_prev
+                l00[j] = prior_prec
                 l01[j] = 0.0
-                l11[j] = prior_prec_prev
+                l11[j] = prior_prec
+                h0[j] = prior_prec * (pm0[j] if has_mean else 0.0)
+                h1[j] = prior_prec * (pm1[j] if has_mean else 0.0)
             for p in range(P):
                 for j in range(B):
-                    tp = w[j] * tau[p, n0 + j]
-                    l00[j] += tp * q00[p]
-                    l01[j] += tp * q01[p]
-                    l11[j] += tp * q11[p]
+                    tp = np.float64(t[p, j])
+                    e0 = np.float64(d0[p, j]) - b0[p]
+                    e1 = np.float64(d1[p, j]) - b1[p]
+                    l00[j] += tp * s00[p]
+                    l01[j] += tp * s01[p]
+                    l11[j] += tp * s11[p]
+                    h0[j] += tp * (s00[p] * e0 + s01[p] * e1)
+                    h1[j] += tp * (s01[p] * e0 + s11[p] * e1)
+            # the new q(T~[n]): covariance k = Lambda^-1 and the plain step's mean in h
             for j in range(B):
                 det = l00[j] * l11[j] - l01[j] * l01[j]
-                a00 = l11[j] / det
-                l01[j] = -l01[j] / det
-                l11[j] = l00[j] / det
-                l00[j] = a00
-        if robust:
+                S00 = l11[j] / det
+                S01 = -l01[j] / det
+                S11 = l00[j] / det
+                m0 = S00 * h0[j] + S01 * h1[j]
+                m1 = S01 * h0[j] + S11 * h1[j]
+                k00[j] = S00
+                k01[j] = S01
+                k11[j] = S11
+                c[j] = det
+                h0[j] = m0
+                h1[j] = m1
+            g5 = 0.0
+            if relax != 1.0:
+                # over-relaxed step from q(T~[n])'s current mean (in the bias's gauge); the
+                # plain step's block gain is 1/2 d' Lambda d (d = optimum - current)
+                for j in range(B):
+                    dd0 = h0[j] - (u0[j] - sh0)
+                    dd1 = h1[j] - (u1[j] - sh1)
+                    g5 += 0.5 * (l00[j] * dd0 * dd0 + 2.0 * l01[j] * dd0 * dd1 + l11[j] * dd1 * dd1)
+                    h0[j] = h0[j] - dd0 + relax * dd0
+                    h1[j] = h1[j] - dd1 + relax * dd1
+            # the new mean as stored (rounded when float32), kept in h for the sums below
+            for j in range(B):
+                st0[j] = h0[j]
+                st1[j] = h1[j]
+            g1 = 0.0
+            g2 = 0.0
+            g3 = 0.0
+            g4 = 0.0
+            g6 = 0.0
+            g7 = 0.0
+            for j in range(B):
+                m0 = np.float64(st0[j])
+                m1 = np.float64(st1[j])
+                h0[j] = m0
+                h1[j] = m1
+                g1 += m0 * m0
+                g2 += m1 * m1
+                g6 += m0
+                g7 += m1
+            for s in range(R):
+                n0 = (ga + s) * M + c0
+                jb = s * C
+                _copy(mu_T[0, n0 : n0 + C], st0[jb : jb + C], C)
+                _copy(mu_T[1, n0 : n0 + C], st1[jb : jb + C], C)
+            if keep_S:
+                # the covariances as stored (rounded when float32): the ELBO is that of the stored q
+                for j in range(B):
+                    st0[j] = k00[j]
+                    st1[j] = k01[j]
+                    st2[j] = k11[j]
+                for j in range(B):
+                    k00[j] = st0[j]
+                    k01[j] = st1[j]
+                    k11[j] = st2[j]
+                    c[j] = k00[j] * k11[j] - k01[j] * k01[j]
+                for s in range(R):
+                    n0 = (ga + s) * M + c0
+                    jb = s * C
+                    _copy(S_q[0, n0 : n0 + C], st0[jb : jb + C], C)
+                    _copy(S_q[1, n0 : n0 + C], st1[jb : jb + C], C)
+                    _copy(S_q[2, n0 : n0 + C], st2[jb : jb + C], C)
+                logdet = _sum_log(c, B)
+            else:
+                logdet = -_sum_log(c, B)
+            for j in range(B):
+                g3 += k00[j]
+                g4 += k11[j]
+            glob[ic, 0] += logdet
+            glob[ic, 1] += g1
+            glob[ic, 2] += g2
+            glob[ic, 3] += g3
+            glob[ic, 4] += g4
+            glob[ic, 5] += g6
+            glob[ic, 6] += g7
+            short[ic] += (1.0 - relax) ** 2 * g5
             for p in range(P):
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                a4 = 0.0
+                a5 = 0.0
+                a6 = 0.0
+                a7 = 0.0
+                a8 = 0.0
                 for j in range(B):
-                    e0 = np.float64(d0[p, j]) - mu_T[0, n0 + j] - bt0[p]
-                    e1 = np.float64(d1[p, j]) - mu_T[1, n0 + j] - bt1[p]
-                    quad = s00[p] * e0 * e0 + 2.0 * s01[p] * e0 * e1 + s11[p] * e1 * e1
-                    tr = s00[p] * l00[j] + 2.0 * s01[p] * l01[j] + s11[p] * l11[j]
-                    cj = 0.5 * nu[p] + 0.5 * (quad + tr + trace_b[p])
-                    t[p, j] = w[j] * (a_tau[p] / cj)  # E[tau] in the storage type (0 where unobserved)
+                    tp = np.float64(t[p, j])
+                    e0 = np.float64(d0[p, j]) - h0[j]
+                    e1 = np.float64(d1[p, j]) - h1[j]
+                    a0 += tp
+                    a1 += tp * e0
+                    a2 += tp * e1
+                    a3 += tp * e0 * e0
+                    a4 += tp * e0 * e1
+                    a5 += tp * e1 * e1
+                    a6 += tp * k00[j]
+                    a7 += tp * k01[j]
+                    a8 += tp * k11[j]
+                acc[ic, p, 0] += a0
+                acc[ic, p, 1] += a1
+                acc[ic, p, 2] += a2
+                acc[ic, p, 3] += a3
+                acc[ic, p, 4] += a4
+                acc[ic, p, 5] += a5
+                acc[ic, p, 6] += a6
+                acc[ic, p, 7] += a7
+                acc[ic, p, 8] += a8
+            # the residual's projection along the first axis: proj[:, lo:hi, cols] += Phi_0[rows, lo:hi]' r
+            if has_mean:
                 for j in range(B):
-                    tp = np.float64(t[p, j]) + (1.0 - w[j])  # E[tau] as stored (1 where unobserved)
-                    c[j] = w[j] * (a_tau[p] / tp) + (1.0 - w[j])  # its rate a / E[tau]; log 1 = 0 unobserved
-                acc[ib, p, 9] = _sum_log(c, B)
-                if store_tau:
-                    for j in range(B):
-                        tau[p, n0 + j] = t[p, j] + (1.0 - w[j])
-        else:
-            for p in range(P):
-                for j in range(B):
-                    t[p, j] = w[j]
-        # q(T~) with the new weights
-        for j in range(B):
-            l00[j] = prior_prec
-            l01[j] = 0.0
-            l11[j] = prior_prec
-            h0[j] = prior_prec * (prior_mean[0, n0 + j] if has_mean else 0.0)
-            h1[j] = prior_prec * (prior_mean[1, n0 + j] if has_mean else 0.0)
-        for p in range(P):
-            for j in range(B):
-                tp = np.float64(t[p, j])
-                e0 = np.float64(d0[p, j]) - b0[p]
-                e1 = np.float64(d1[p, j]) - b1[p]
-                l00[j] += tp * s00[p]
-                l01[j] += tp * s01[p]
-                l11[j] += tp * s11[p]
-                h0[j] += tp * (s00[p] * e0 + s01[p] * e1)
-                h1[j] += tp * (s01[p] * e0 + s11[p] * e1)
-        # the new q(T~[n]): covariance k = Lambda^-1 and the plain step's mean in h
-        for j in range(B):
-            det = l00[j] * l11[j] - l01[j] * l01[j]
-            S00 = l11[j] / det
-            S01 = -l01[j] / det
-            S11 = l00[j] / det
-            m0 = S00 * h0[j] + S01 * h1[j]
-            m1 = S01 * h0[j] + S11 * h1[j]
-            k00[j] = S00
-            k01[j] = S01
-            k11[j] = S11
-            c[j] = det
-            h0[j] = m0
-            h1[j] = m1
-        g5 = 0.0
-        if relax != 1.0:
-            # over-relaxed step from q(T~[n])'s current mean (in the bias's gauge); the
-            # plain step's block gain is 1/2 d' Lambda d (d = optimum - current)
-            for j in range(B):
-                dd0 = h0[j] - (mu_T[0, n0 + j] - sh0)
-                dd1 = h1[j] - (mu_T[1, n0 + j] - sh1)
-                g5 += 0.5 * (l00[j] * dd0 * dd0 + 2.0 * l01[j] * dd0 * dd1 + l11[j] * dd1 * dd1)
-                h0[j] = h0[j] - dd0 + relax * dd0
-                h1[j] = h1[j] - dd1 + relax * dd1
-        for j in range(B):
-            mu_T[0, n0 + j] = h0[j]
-            mu_T[1, n0 + j] = h1[j]
-        g1 = 0.0
-        g2 = 0.0
-        g3 = 0.0
-        g4 = 0.0
-        g6 = 0.0
-        g7 = 0.0
-        for j in range(B):
-            m0 = mu_T[0, n0 + j]  # as stored (rounded when float32)
-            m1 = mu_T[1, n0 + j]
-            h0[j] = m0  # keep the new mean for the sums below
-            h1[j] = m1
-            g1 += m0 * m0
-            g2 += m1 * m1
-            g6 += m0
-            g7 += m1
-        if keep_S:
-            # the covariances as stored (rounded when float32): the ELBO is that of the stored q
-            for j in range(B):
-                S_q[0, n0 + j] = k00[j]
-                S_q[1, n0 + j] = k01[j]
-                S_q[2, n0 + j] = k11[j]
-            for j in range(B):
-                k00[j] = S_q[0, n0 + j]
-                k01[j] = S_q[1, n0 + j]
-                k11[j] = S_q[2, n0 + j]
-                c[j] = k00[j] * k11[j] - k01[j] * k01[j]
-            logdet = _sum_log(c, B)
-        else:
-            logdet = -_sum_log(c, B)
-        for j in range(B):
-            g3 += k00[j]
-            g4 += k11[j]
-        glob[ib, 0] = logdet
-        glob[ib, 1] = g1
-        glob[ib, 2] = g2
-        glob[ib, 3] = g3
-        glob[ib, 4] = g4
-        glob[ib, 5] = g6
-        glob[ib, 6] = g7
-        short[ib] = (1.0 - relax) ** 2 * g5
-        for p in range(P):
-            a0 = 0.0
-            a1 = 0.0
-            a2 = 0.0
-            a3 = 0.0
-            a4 = 0.0
-            a5 = 0.0
-            a6 = 0.0
-            a7 = 0.0
-            a8 = 0.0
-            for j in range(B):
-                tp = np.float64(t[p, j])
-                e0 = np.float64(d0[p, j]) - h0[j]
-                e1 = np.float64(d1[p, j]) - h1[j]
-                a0 += tp
-                a1 += tp * e0
-                a2 += tp * e1
-                a3 += tp * e0 * e0
-                a4 += tp * e0 * e1
-                a5 += tp * e1 * e1
-                a6 += tp * k00[j]
-                a7 += tp * k01[j]
-                a8 += tp * k11[j]
-            acc[ib, p, 0] = a0
-            acc[ib, p, 1] = a1
-            acc[ib, p, 2] = a2
-            acc[ib, p, 3] = a3
-            acc[ib, p, 4] = a4
-            acc[ib, p, 5] = a5
-            acc[ib, p, 6] = a6
-            acc[ib, p, 7] = a7
-            acc[ib, p, 8] = a8
+                    rr0[j] = h0[j] - pm0[j]
+                    rr1[j] = h1[j] - pm1[j]
+                for l in range(lo, hi):
+                    _band_cols_add(proj[0, l, c0 : c0 + C], PhiT[l, ga:gb], rr0, R, C)
+                    _band_cols_add(proj[1, l, c0 : c0 + C], PhiT[l, ga:gb], rr1, R, C)
     a = acc.sum(0)
     gl = glob.sum(0)
     s1 = a[:, 1:3].copy()
@@ -956,8 +1112,9 @@ class VBState:
 
     Per-voxel arrays are class-first (``mu_T[d, n]``) over the N voxels of
     the grid (the ROI's bounding box with the spatial prior, the ROI
-    otherwise); ``tau[p, n]`` holds E[tau] (robust only; None between the
-    iterations of :func:`solve` that do not store it). Hyperparameters
+    otherwise); ``tau[p, n]`` holds E[tau] (robust only; stale, with
+    ``tau_stale``, between the iterations of :func:`solve` that do not store
+    it). Hyperparameters
     are the current point estimates; ``Sinv_q`` and ``prior_prec_q`` are the
     values q(T~) was last computed with (its covariance is rebuilt from
     them rather than stored).
@@ -998,6 +1155,12 @@ class VBState:
     # q(T~)'s covariances (S00, S01, S11) as the last pass stored them (robust, D = 2): read by the
     # next pass's q(tau) step instead of rebuilt from E[tau]; freed before the outputs
     S_q: np.ndarray | None = None
+    tau_stale: bool = False  # tau holds an earlier iteration's E[tau] (see iterate's keep_tau)
+    # D = 2 with the spatial prior, where the pass forms the prior mean itself (_vb_pass2) instead
+    # of reading prior_mean: the prior mean's products but the first axis's, (D, L_0, M) float64,
+    # and the pass's first-axis projection Phi_0' (mu_T - prior mean), (D, L_0, M) in the storage type
+    Z: np.ndarray | None = None
+    proj_T: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -1052,6 +1215,59 @@ def _prior_mean(basis: KroneckerBasis, v_W: np.ndarray, m: np.ndarray, out: np.n
     basis.expand_eig_into(v_W, m, out.reshape((v_W.shape[0],) + basis.shape), threads=get_num_threads())
 
 
+def _refresh_prior(prob: "Problem", st: "VBState") -> None:
+    """The prior mean for the next pass, from v_W and m: ``st.Z`` for the D = 2 pass, which forms
+    it block by block (m is passed as it is at the pass), the stored volume ``st.prior_mean`` otherwise."""
+    if prob.kd.dim == 2:
+        st.Z = prob.basis.expand_rest_eig(st.v_W, threads=get_num_threads(), out=st.Z)
+        if st.proj_T is None:
+            st.proj_T = np.empty(st.Z.shape, dtype=st.mu_T.dtype)
+    else:
+        if st.prior_mean is None:
+            st.prior_mean = np.empty((prob.kd.dim, prob.n_voxels), dtype=st.mu_T.dtype)
+        _prior_mean(prob.basis, st.v_W, st.m, st.prior_mean)
+
+
+def prior_mean_of(prob: "Problem", st: "VBState") -> np.ndarray:
+    """The spatial prior's mean Phi mu_W + m = Psi v_W + m, (D, N) float64 (for checks and outputs)."""
+    out = np.empty((prob.kd.dim, prob.n_voxels))
+    prob.basis.expand_eig_into(st.v_W, st.m, out.reshape((prob.kd.dim,) + prob.shape), threads=get_num_threads())
+    return out
+
+
+#: The D = 2 pass's layout without the spatial prior: one row of N voxels in strips of G.BLOCK.
+_ONE_ROW = np.zeros((1, 4), dtype=np.int64)
+_ONE_ROW[0, 1] = 1
+
+
+def _no_prior_layout(n: int, block: int, dtype) -> tuple:
+    return (n, _ONE_ROW, block, np.zeros((1, 0)), np.zeros((0, 1), dtype=dtype), np.zeros((2, 0, 0)), np.zeros(2),
+            np.zeros((2, 0, 0), dtype=dtype))
+
+
+#: Voxel rows per row group of the D = 2 pass with the spatial prior (strips of G.BLOCK / PASS_ROWS
+#: columns): on the benchmark volume 8 rows (strips of 1024) took 0.21-0.28 s a pass, 16 rows
+#: 0.24-0.31 s, 4 rows 0.22-0.25 s, 32 rows 0.27 s (interleaved full solves; the machine drifts).
+PASS_ROWS = 8
+
+
+def _pass_layout(prob: "Problem", st: "VBState", block: int = G.BLOCK) -> tuple:
+    """(M, groups, strip, Phi_0, Phi_0', Z, m, proj) for :func:`_vb_pass2`: rows of M voxels, row groups
+    with Phi_0's band, strip width; the spatial prior's parts (empty without it).
+
+    Strips of at most block / PASS_ROWS columns (a block of about ``block`` voxels), narrower
+    where the rows are short so that there are at least four strips per thread.
+    """
+    N = prob.n_voxels
+    if prob.basis is None or st.Z is None:
+        return _no_prior_layout(N, block, st.mu_T.dtype)
+    M = N // prob.shape[0]
+    strip = max(1, min(block // PASS_ROWS, -(-M // (4 * get_num_threads()))))
+    Phi0 = prob.basis.Phi[0]
+    PhiT = np.ascontiguousarray(Phi0.T, dtype=st.proj_T.dtype)
+    return (M, prob.basis.row_band_table(PASS_ROWS), strip, Phi0, PhiT, st.Z, np.asarray(st.m, dtype=np.float64), st.proj_T)
+
+
 def _ones_eig(prob: "Problem", st: "VBState") -> np.ndarray:
     """Psi' 1 (cached): the projection of a constant field, for the mean m."""
     if st.ones_eig is None:
@@ -1078,10 +1294,15 @@ def _project_mu_T(prob: Problem, st: VBState) -> np.ndarray:
     """
     basis, D = prob.basis, prob.kd.dim
     grid = (D,) + prob.shape
+    bshape = (D,) + (1,) * basis.ndim
+    if st.proj_T is not None:
+        # the D = 2 pass's first-axis projection of the residual mu_T - prior mean (storage type),
+        # completed on the small stack, plus the prior mean's own projection g v + m Psi' 1
+        z = basis.project_rest_eig(st.proj_T, threads=get_num_threads())
+        return z + basis.gram_eigenvalues() * st.v_W + st.m.reshape(bshape) * _ones_eig(prob, st)
     if st.mu_T.dtype != np.float32 or st.prior_mean is None:
         return basis.project_eig(st.mu_T.reshape(grid), dtype=np.float64)
     z = basis.project_difference_eig(st.mu_T.reshape(grid), st.prior_mean.reshape(grid), threads=get_num_threads())
-    bshape = (D,) + (1,) * basis.ndim
     return z + basis.gram_eigenvalues() * st.v_W + st.m.reshape(bshape) * _ones_eig(prob, st)
 
 
@@ -1138,24 +1359,32 @@ def _update_W(prob: Problem, st: VBState, config: Config, eta: float = 1.0, proj
     return {"cross": cross, "quad_W": quad_W, "tr_SWG": tr_SWG, "z": z, "y2_parts": y2_parts, "proj": proj}
 
 
-def _run_pass(X, mode, *rest, S_q=None, S_valid=False, store_tau=True):
+def _run_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, trace_b, a_tau, nu, prior_prec,
+              prior_prec_prev, robust, block, relax=1.0, *, S_q=None, S_valid=False, store_tau=True, layout=None):
     """The fused pass (:func:`_vb_pass2` for D = 2, :func:`_vb_pass` otherwise) on the input ``X`` (P, N, C).
 
-    ``S_q``: q(T~)'s covariances kept between passes; ``store_tau`` False:
-    E[tau] not written (D = 2 only; see :func:`_vb_pass2`).
+    D = 2 only (see :func:`_vb_pass2`): ``S_q``, q(T~)'s covariances kept
+    between passes; ``store_tau`` False, E[tau] not written; ``layout``,
+    :func:`_pass_layout`'s tuple, which carries the spatial prior (the D = 2
+    pass forms the prior mean itself; ``prior_mean`` is for :func:`_vb_pass`).
     Returns the kernel's sums and, last, sum_n mu_T[:, n] of the mu_T it stored (D,), float64
     (None from :func:`_vb_pass`, which does not sum it: the q(W) step sums mu_T itself).
     """
-    D = rest[1].shape[0]  # mu_T (D, N)
+    D = mu_T.shape[0]
     if D != 2:
-        return _vb_pass(X, mode, *rest) + (None,)
+        return _vb_pass(X, mode, tau, mu_T, prior_mean, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, trace_b, a_tau, nu,
+                        prior_prec, prior_prec_prev, robust, block, relax) + (None,)
     # the columns as (P, N) views: unit stride along the voxels, which the vectorised loads need
     X0 = X[:, :, 0]
     X1 = X[:, :, 1] if X.shape[2] > 1 else X0[:, :0]
-    single = rest[1].dtype == np.float32  # float32 storage: float32 scratch and roots (see _vb_pass2)
+    single = mu_T.dtype == np.float32  # float32 storage: float32 scratch and roots (see _vb_pass2)
     if S_q is None:
-        S_q, S_valid = np.zeros((3, 0), dtype=rest[1].dtype), False
-    return _vb_pass2(X0, X1, mode, *rest, single=single, S_q=S_q, S_valid=bool(S_valid), store_tau=bool(store_tau))
+        S_q, S_valid = np.zeros((3, 0), dtype=mu_T.dtype), False
+    if layout is None:
+        layout = _no_prior_layout(mu_T.shape[1], block, mu_T.dtype)
+    return _vb_pass2(X0, X1, mode, tau, mu_T, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, trace_b, a_tau, nu,
+                     float(prior_prec), float(prior_prec_prev), bool(robust), float(relax), bool(single), S_q,
+                     bool(S_valid), bool(store_tau), *layout)
 
 
 def _init_state(prob: Problem, config: Config, dtype) -> VBState:
@@ -1205,8 +1434,7 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
         st.s_W = 1.0 / (prob.basis.gram_eigenvalues() / st.sigma_T + st.alpha)
         st.v_W = (prob.basis.project_eig(grid) - st.m.reshape((D,) + (1,) * z1.ndim) * z1) * (st.s_W / st.sigma_T)
         st.W_hyper = (st.alpha, st.sigma_T)
-        st.prior_mean = np.empty((D, N), dtype=dtype)
-        _prior_mean(prob.basis, st.v_W, st.m, st.prior_mean)
+        _refresh_prior(prob, st)
         st.prior_prec_q = 1.0 / st.sigma_T
     return st
 
@@ -1214,10 +1442,11 @@ def _init_state(prob: Problem, config: Config, dtype) -> VBState:
 def iterate(prob: Problem, st: VBState, config: Config, keep_tau: bool = True) -> float:
     """One VB iteration (in place); returns the ELBO after it.
 
-    ``keep_tau`` False (robust model, D = 2): E[tau] is not stored
-    (``st.tau`` becomes None); the next pass rebuilds q(tau) from mu_T and
-    the kept covariances ``st.S_q``, and :func:`solve` stores it in its last
-    iteration. Other models and D > 2 always store it.
+    ``keep_tau`` False (robust model, D = 2): E[tau] is not written
+    (``st.tau`` keeps its old values and ``st.tau_stale`` is set); the next
+    pass rebuilds q(tau) from mu_T and the kept covariances ``st.S_q``, and
+    :func:`solve` stores it in its last iteration. Other models and D > 2
+    always store it.
 
     Order: fused pass [q(tau), q(T~)] -> q(b) -> beta -> Sigma_p -> nu_p ->
     q(W) -> m -> alpha -> Sigma_T -> gauge step (always for the ML bias
@@ -1234,11 +1463,9 @@ def iterate(prob: Problem, st: VBState, config: Config, keep_tau: bool = True) -
     prior_prec = 1.0 / st.sigma_T if prob.basis is not None else 0.0
     pm = st.prior_mean if st.prior_mean is not None else np.zeros((D, 0), dtype=st.mu_T.dtype)
     S_valid = st.S_q is not None
-    if config.robust and st.tau is None and not S_valid:
+    if config.robust and st.tau_stale and not S_valid:
         raise RuntimeError("robust-t: neither E[tau] nor q(T~)'s covariances are kept; the state cannot be iterated")
     store_tau = keep_tau or not (config.robust and D == 2)
-    if config.robust and store_tau and st.tau is None:
-        st.tau = np.empty((P, prob.n_voxels), dtype=st.mu_T.dtype)
     tau = st.tau if st.tau is not None else np.zeros((P, 0), dtype=st.mu_T.dtype)
     # q(tau) pairs the stored mu_T with the bias it was shifted against (eq:rt-gauge)
     mu_b_tau = st.mu_b if st.T_shift is None else st.mu_b - st.T_shift[None, :]
@@ -1247,9 +1474,11 @@ def iterate(prob: Problem, st: VBState, config: Config, keep_tau: bool = True) -
             float(config.relax) if st.elbo else 1.0)
     if config.robust and D == 2 and st.S_q is None:
         st.S_q = np.empty((D + 1, prob.n_voxels), dtype=st.mu_T.dtype)
-    sw, s1, s2, sS, slogc, glob, short_T, sum_T = _run_pass(*args, S_q=st.S_q, S_valid=S_valid, store_tau=store_tau)
-    if not store_tau:
-        st.tau = None  # the pass used the stored values (the start's) and wrote none
+    sw, s1, s2, sS, slogc, glob, short_T, sum_T = _run_pass(*args, S_q=st.S_q, S_valid=S_valid, store_tau=store_tau,
+                                                             layout=_pass_layout(prob, st) if D == 2 else None)
+    # not stored: st.tau is kept as the buffer the last iteration writes (allocating it then
+    # would page-fault P x N values in one pass: 0.5-1.5 s on the benchmark machine)
+    st.tau_stale = config.robust and not store_tau
     st.Sinv_q, st.prior_prec_q, st.T_shift = Sinv, prior_prec, None
     st.stats = {"sw": sw, "s1": s1, "s2": s2, "sS": sS, "slogc": slogc, "glob": glob, "sum_T": sum_T}
 
@@ -1306,7 +1535,7 @@ def iterate(prob: Problem, st: VBState, config: Config, keep_tau: bool = True) -
     if config.gauge_step or (config.bias == "ml" and prob.basis is None):
         value += _gauge_step(prob, st, config, wterms)
     if prob.basis is not None:
-        _prior_mean(prob.basis, st.v_W, st.m, st.prior_mean)
+        _refresh_prior(prob, st)
     if not np.isfinite(value):
         raise FloatingPointError("robust-t: the ELBO is not finite; the data may be degenerate (e.g. all raters identical)")
     st.elbo.append(value)
@@ -1458,7 +1687,7 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
                 st.largest_decrease = max(st.largest_decrease, -change)
             elif not final and change + gap <= tol * abs(value):
                 converged, reason = True, f"relative ELBO change below tol ({tol:g})"
-                final = config.robust and st.tau is None  # then one more iteration, which stores E[tau]
+                final = st.tau_stale  # then one more iteration, which stores E[tau]
                 if not final:
                     break
                 continue
@@ -1468,10 +1697,17 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
     return st, converged, reason
 
 
+def _check_tau(st: VBState) -> None:
+    if st.tau_stale:
+        raise RuntimeError("robust-t: E[tau] was not stored by the last iteration (iterate's keep_tau); "
+                           "run one more iteration with keep_tau=True")
+
+
 def S_T_of(prob: Problem, st: VBState, config: Config, dtype=None) -> np.ndarray:
     """The covariances of q(T~), (N, D, D), rebuilt from tau^ and the values q was computed with."""
     D = prob.kd.dim
     out = np.empty((prob.n_voxels, D, D), dtype=dtype or st.mu_T.dtype)
+    _check_tau(st)
     tau = st.tau if st.tau is not None else np.zeros((prob.kd.n_raters, 0), dtype=st.mu_T.dtype)
     _S_T_kernel(tau, st.Sinv_q, st.prior_prec_q, prob.obs, bool(config.robust), out, G.BLOCK)
     return out
@@ -1603,8 +1839,8 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
     shape, sdims = data.shape, data.spatial_dims
     _settle(st)
     coords = space.coord_labels()
-    if st.prior_mean is not None:
-        st.prior_mean = None  # not needed any more: free it before the outputs are made
+    # not needed any more: freed before the outputs are made
+    st.prior_mean = st.Z = st.proj_T = None
     st.S_q = None  # rebuilt by S_T_of for the outputs
     S_T = S_T_of(prob, st, config, np.float32)
     bg = _background_coords(space)
@@ -1747,6 +1983,7 @@ def dense_q(prob: Problem, st: VBState, config: Config) -> dict:
     }
     if config.robust:
         q["a"] = np.broadcast_to(st.a_tau[:, None], (P, N)).copy()
+        _check_tau(st)
         q["c"] = q["a"] / st.tau.astype(np.float64)
     if prob.basis is not None:
         Ud = np.ones((1, 1))
