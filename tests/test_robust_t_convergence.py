@@ -128,8 +128,10 @@ def test_float32_storage_never_decreases_and_matches_float64(phantom_3d):
     # iteration; the rounding of the near-constant background level is systematic, and m carries
     # that level; not analysed further). Since the pass takes the sqrt link's roots in float32 with
     # float32 storage (D~ rounded to float32, 3e-8 relative, the same in every pass): 9.7e-7 at
-    # every iteration, a fixed change of the data rather than drift
-    np.testing.assert_allclose(e32, e64, rtol=2e-6)
+    # every iteration, a fixed change of the data rather than drift. Since the D = 2 pass forms
+    # the prior mean in float64 itself instead of reading a float32 one: 3.9e-9 (so most of the
+    # 9.7e-7 was the stored prior mean's rounding, carried by m, not the roots)
+    np.testing.assert_allclose(e32, e64, rtol=1e-7)
 
 
 def test_float32_projection_breaks_the_elbo(phantom_3d, monkeypatch):
