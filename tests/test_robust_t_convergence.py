@@ -245,3 +245,59 @@ def test_iterations_that_do_not_store_tau_are_the_same_iterations(phantom_3d, st
     np.testing.assert_array_equal(st_s.elbo, st_k.elbo)
     np.testing.assert_array_equal(st_s.tau, st_k.tau)
     np.testing.assert_array_equal(st_s.mu_T, st_k.mu_T)
+
+
+@pytest.mark.parametrize("storage", ["float64", "float32"])
+def test_the_pass_layout_does_not_change_the_iterations(storage, monkeypatch):
+    """The D = 2 pass walks column strips down groups of voxel rows and forms the prior mean and
+    the residual's first-axis projection per block (Phi_0's band). Strips of 1, 5 or all columns
+    and groups of 1, 3 or 8 rows on a grid that none divides (and with unobserved voxels: a
+    region of interest) must give the same iterations, to rounding; the ELBO must equal the
+    dense reference (float64)."""
+    from test_robust_t import _phantom, _ref
+
+    from bayesfuse.data import RaterMaps
+
+    shape = (23, 13, 11)
+    roi = np.zeros(shape, bool)
+    roi[2:21, 1:12, 1:10] = True
+    roi[10, 5, 5] = False  # a hole: the grid is the ROI's box, with unobserved voxels inside
+    maps = _phantom(shape=shape, P=3, seed=2)
+    data = RaterMaps.from_arrays(list(np.moveaxis(maps.maps.values, maps.maps.dims.index("rater"), 0)),
+                                 kind="probability", mask=roi)
+    cfg = R.Config(storage=storage, basis_spacing=3.0)
+    layout = R._pass_layout
+    runs = []
+    for rows, block in [(8, 8192), (1, 5), (3, 15), (3, 10 ** 6)]:
+        monkeypatch.setattr(R, "PASS_ROWS", rows)
+        monkeypatch.setattr(R, "_pass_layout", lambda prob, st, block=block: layout(prob, st, block))
+        prob, _ = R.problem_from_data(data, cfg)
+        st = R._init_state(prob, cfg, R._storage_dtype(cfg, prob.kd))
+        for _ in range(6):
+            R.iterate(prob, st, cfg)
+        M, groups, strip = R._pass_layout(prob, st)[:3]
+        assert groups.shape[0] == -(-prob.shape[0] // rows) and strip == max(1, min(block // rows, -(-M // (4 * R.get_num_threads()))))
+        runs.append((prob, st))
+    rtol = 1e-12 if storage == "float64" else 1e-7
+    for prob, st in runs[1:]:
+        np.testing.assert_allclose(st.elbo, runs[0][1].elbo, rtol=rtol)
+        np.testing.assert_allclose(st.mu_T, runs[0][1].mu_T, rtol=0, atol=100 * rtol)
+    if storage == "float64":
+        prob, st = runs[1]
+        R._settle(st)
+        assert st.elbo[-1] == pytest.approx(_ref(prob, st, cfg), rel=1e-10)
+
+
+def test_a_state_iterates_on_after_its_outputs_were_made(phantom_3d):
+    """_build_result frees the pass's spatial-prior buffers (Z, proj) and the kept covariances;
+    iterating the same state again rebuilds them, and the ELBO goes on from where it was."""
+    cfg = R.Config()
+    prob, region = R.problem_from_data(phantom_3d, cfg)
+    st, conv, reason = R.solve(prob, cfg, max_iter=8, tol=-1.0, progress=False)
+    R._build_result(phantom_3d, cfg, prob, region, st, conv, reason, "robust-t", 0.0)
+    assert st.Z is None and st.proj_T is None and st.S_q is None
+    before = st.elbo[-1]
+    R.iterate(prob, st, cfg)
+    assert st.Z is not None and st.S_q is not None
+    assert st.elbo[-1] >= before - st.rounding[-1]
+    assert st.elbo[-1] - before < 1e-3 * abs(before)  # the same fit, one step on (not a fit from a zero prior mean)

@@ -1461,6 +1461,8 @@ def iterate(prob: Problem, st: VBState, config: Config, keep_tau: bool = True) -
     trace_b = np.einsum("pij,pji->p", Sinv, st.S_b)
     st.a_tau = (st.nu + D) / 2
     prior_prec = 1.0 / st.sigma_T if prob.basis is not None else 0.0
+    if prob.basis is not None and (st.Z is None if D == 2 else st.prior_mean is None):
+        _refresh_prior(prob, st)  # freed by _build_result: a state iterated again after its outputs
     pm = st.prior_mean if st.prior_mean is not None else np.zeros((D, 0), dtype=st.mu_T.dtype)
     S_valid = st.S_q is not None
     if config.robust and st.tau_stale and not S_valid:
