@@ -652,7 +652,7 @@ def _sum_log(v, n):
     return s
 
 
-@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _copy(dst, src, n):
     """dst[:n] = src[:n] (cast to dst's type). Offsets go into the slices, not the indices:
     an index like ``a[n0 + j]`` gets numba's negative-index wraparound select, which keeps
@@ -661,7 +661,7 @@ def _copy(dst, src, n):
         dst[j] = src[j]
 
 
-@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _band_rows_into(out, phi, Zk, lo, hi, c0, C, add):
     """out[:C] = add + sum_{l in lo:hi} phi[l] Zk[l, c0:c0 + C]: one voxel row of the prior mean
     (four bases per sweep of ``out``, so that it is loaded and stored a quarter as often)."""
@@ -683,7 +683,7 @@ def _band_rows_into(out, phi, Zk, lo, hi, c0, C, add):
         l += 1
 
 
-@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _band_cols_add(out, phi, r, R, C):
     """out[:C] += sum_{s < R} phi[s] r[s C : (s + 1) C]: one basis's row of the residual's projection
     (four voxel rows per sweep of ``out``)."""
