@@ -169,11 +169,15 @@ def _column_tasks(n_lead: int, cols: int, threads: int) -> list[tuple[int, int, 
 
 
 #: The first axis's products over the volume (:meth:`KroneckerBasis.expand_eig_into`,
-#: :meth:`KroneckerBasis.project_difference_eig`) take Phi_0 as banded: an entry below
-#: BAND_TINY of Phi_0's largest is left out. Each term left out is then below 1e-17 of the
-#: largest term of its sum, under the rounding of the dense sum itself (L_0 terms, about
-#: 1e-15 of the largest), and the products cost about half the dense ones (Gaussians of
-#: width = spacing reach 1e-17 at 8.9 widths: 9-19 of 45 bases per voxel at spacing 4).
+#: :meth:`KroneckerBasis.project_difference_eig`, and the robust model's D = 2 pass) take
+#: Phi_0 as banded: an entry below BAND_TINY of Phi_0's largest entry is left out. With
+#: width >= spacing / 2 every row's largest entry is near Phi_0's largest (within e^-0.5), so
+#: each term left out is below about 2e-17 of the largest term of its sum, under the rounding
+#: of the dense sum itself (L_0 terms, about 1e-15 of the largest); much narrower bases make
+#: the bound relative to the row's own largest entry weaker (3e-14 at width 0.5, spacing 4),
+#: still far below float32 storage's rounding. The products cost about half the dense ones
+#: (Gaussians of width = spacing reach 1e-17 at 8.9 widths: 19-22 of 45 bases for a group
+#: of 8 voxel rows at spacing 4).
 BAND_TINY = 1e-17
 #: Voxels along the first axis per group of the expansion's banded product, and bases per
 #: group of the projection's: small enough that a group's band is much narrower than L_0,
@@ -383,8 +387,8 @@ class KroneckerBasis:
     def project_rest_eig(self, acc: np.ndarray, threads: int = 1) -> np.ndarray:
         """Completes Psi' x from Phi_0' x: ``acc`` (..., L_0, n_1 * n_2 * ...) -> (..., *basis_shape), float64.
 
-        The other axes' Psi_a' and then U_0', all on the small stack and in
-        float64 (``acc``'s dtype when it is float64).
+        The other axes' Psi_a' in ``acc``'s dtype (float32 sgemm for a float32
+        ``acc``), then U_0' in float64, all on the small stack.
         """
         lead = acc.shape[:-2]
         L0 = self.basis_shape[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -276,7 +277,14 @@ def test_the_pass_layout_does_not_change_the_iterations(storage, monkeypatch):
         for _ in range(6):
             R.iterate(prob, st, cfg)
         M, groups, strip = R._pass_layout(prob, st)[:3]
-        assert groups.shape[0] == -(-prob.shape[0] // rows) and strip == max(1, min(block // rows, -(-M // (4 * R.get_num_threads()))))
+        assert groups.shape[0] == -(-prob.shape[0] // rows) and strip == max(1, min(block // rows, -(-M // R.PASS_STRIPS)))
+        # the strips (the order of the pass's sums) do not depend on the number of threads
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            assert R._pass_layout(prob, st)[2] == strip
+        finally:
+            numba.set_num_threads(threads)
         runs.append((prob, st))
     rtol = 1e-12 if storage == "float64" else 1e-7
     for prob, st in runs[1:]:

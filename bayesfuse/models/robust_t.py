@@ -756,10 +756,10 @@ def _vb_pass2(X0, X1, mode, tau, mu_T, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, tra
     ``prior_prec_prev``) the q(tau) step reads them instead of rebuilding
     them from E[tau]. An empty ``S_q`` (3, 0): not kept.
 
-    ``store_tau`` False (robust, with ``S_q`` kept and valid): E[tau] is
-    computed, used and summed as always but not written to ``tau``; nothing
-    in the next pass reads it then (q(tau) is rebuilt from mu_T and
-    ``S_q``).
+    ``store_tau`` False (robust, with ``S_q`` kept: this pass writes it):
+    E[tau] is computed, used and summed as always but not written to
+    ``tau``; nothing in the next pass reads it then (q(tau) is rebuilt from
+    mu_T and ``S_q``).
     """
     P, N = X0.shape[0], X0.shape[1]
     has_obs = obs.shape[0] > 0
@@ -1249,6 +1249,10 @@ def _no_prior_layout(n: int, block: int, dtype) -> tuple:
 #: columns): on the benchmark volume 8 rows (strips of 1024) took 0.21-0.28 s a pass, 16 rows
 #: 0.24-0.31 s, 4 rows 0.22-0.25 s, 32 rows 0.27 s (interleaved full solves; the machine drifts).
 PASS_ROWS = 8
+#: Rows shorter than G.BLOCK / PASS_ROWS are cut into at least this many strips (the parallel
+#: tasks). A constant, not the thread count: the pass's sums are taken per strip, so their
+#: order, and the ELBO's last bits, must not depend on the machine.
+PASS_STRIPS = 8
 
 
 def _pass_layout(prob: "Problem", st: "VBState", block: int = G.BLOCK) -> tuple:
@@ -1256,13 +1260,17 @@ def _pass_layout(prob: "Problem", st: "VBState", block: int = G.BLOCK) -> tuple:
     with Phi_0's band, strip width; the spatial prior's parts (empty without it).
 
     Strips of at most block / PASS_ROWS columns (a block of about ``block`` voxels), narrower
-    where the rows are short so that there are at least four strips per thread.
+    where the rows are short so that there are at least PASS_STRIPS strips. Grids whose rows
+    (the product of all axes but the first) are very short run on few strips: a 1-D grid on
+    one, serially; the spatial prior's grids are 2-D or 3-D images in practice.
     """
     N = prob.n_voxels
-    if prob.basis is None or st.Z is None:
+    if prob.basis is None:
         return _no_prior_layout(N, block, st.mu_T.dtype)
+    if st.Z is None:
+        raise RuntimeError("robust-t: the prior mean's stack (Z) is missing; _refresh_prior makes it")
     M = N // prob.shape[0]
-    strip = max(1, min(block // PASS_ROWS, -(-M // (4 * get_num_threads()))))
+    strip = max(1, min(block // PASS_ROWS, -(-M // PASS_STRIPS)))
     Phi0 = prob.basis.Phi[0]
     PhiT = np.ascontiguousarray(Phi0.T, dtype=st.proj_T.dtype)
     return (M, prob.basis.row_band_table(PASS_ROWS), strip, Phi0, PhiT, st.Z, np.asarray(st.m, dtype=np.float64), st.proj_T)
@@ -1283,14 +1291,18 @@ def mu_W_of(prob: "Problem", st: VBState) -> np.ndarray:
 def _project_mu_T(prob: Problem, st: VBState) -> np.ndarray:
     """Psi' mu_T (D, *basis_shape) in float64, for the q(W) step and the ELBO.
 
-    With float32 storage, the projection is of the residual mu_T - prior
-    mean (the stored prior mean the pass used, Psi v_W + m rounded) in
-    float32, plus the prior mean's own projection taken in the eigenbasis,
-    Psi' (Psi v + m 1) = g v + m Psi' 1 (Psi' Psi = diag(g)). The residual
-    is small (the consensus is near its prior mean almost everywhere), so
-    sgemm's rounding, about 1e-7 of sum |x|, is small in absolute terms; a
-    float32 contraction of mu_T itself put the ELBO 7e-6 off (section
-    "Float32 storage"), and the float64 one costs 6 x the time.
+    The projection is of the residual mu_T - prior mean, plus the prior
+    mean's own projection taken in the eigenbasis, Psi' (Psi v + m 1) = g v
+    + m Psi' 1 (Psi' Psi = diag(g)). With D = 2 the pass took the residual's
+    first-axis product itself (``st.proj_T``, in the storage type, against
+    the float64 prior mean it formed from ``st.Z`` and ``st.m``), completed
+    here on the small stack; otherwise, with float32 storage, the residual
+    against the stored float32 prior mean is contracted here in float32
+    (float64 storage: Psi' mu_T in float64). The residual is small (the
+    consensus is near its prior mean almost everywhere), so float32
+    rounding, about 1e-7 of sum |x|, is small in absolute terms; a float32
+    contraction of mu_T itself put the ELBO 7e-6 off (section "Float32
+    storage"), and a float64 one costs 6 x the time.
     """
     basis, D = prob.basis, prob.kd.dim
     grid = (D,) + prob.shape
@@ -1840,6 +1852,7 @@ def _build_result(data, config, prob, region, st, converged, reason, method, sec
     P, D, K = kd.n_raters, kd.dim, space.n_classes
     shape, sdims = data.shape, data.spatial_dims
     _settle(st)
+    _check_tau(st)  # before anything is freed: a stale state can still be iterated
     coords = space.coord_labels()
     # not needed any more: freed before the outputs are made
     st.prior_mean = st.Z = st.proj_T = None
