@@ -438,18 +438,13 @@ class KroneckerBasis:
                     np.matmul(Pt, diff[ra:rb, :w], out=acc[k, lo:hi, c0 : c0 + w])
 
         _in_threads(run, _column_tasks(A.shape[0], cols, threads), threads)
-        res = np.empty((A.shape[0],) + self.basis_shape, dtype=np.float32)
-        tmp = np.empty((A.shape[0], L0) + self.shape[1:-1] + self.basis_shape[-1:], dtype=np.float32) if self.ndim == 3 else None
-        _in_threads(lambda k: self._project_rest(acc[k].reshape((L0,) + self.shape[1:]), res[k], None if tmp is None else tmp[k]),
-                    range(A.shape[0]), threads)
-        out = np.matmul(self.U[0].T, res.reshape(A.shape[0], L0, -1).astype(np.float64))
-        return out.reshape(lead + self.basis_shape)
+        return self.project_rest_eig(acc.reshape(lead + (L0, cols)), threads)
 
     @cached_property
     def _row_bands(self) -> list:
         """Phi_0's row groups (see :func:`row_bands`) with each group's block, float64, contiguous."""
         P = self.Phi[0]
-        return [((a, b, lo, hi), np.ascontiguousarray(P[a:b, lo:hi])) for a, b, lo, hi in row_bands(P, BAND_ROWS)]
+        return [((a, b, lo, hi), np.ascontiguousarray(P[a:b, lo:hi])) for a, b, lo, hi in self.row_band_table(BAND_ROWS).tolist()]
 
     @cached_property
     def _column_bands(self) -> list:

@@ -829,9 +829,8 @@ def _vb_pass2(X0, X1, mode, tau, mu_T, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, tra
                 else:
                     for cl in range(C):
                         ws[cl] = 1.0
-                for cl in range(C):
-                    us0[cl] = m0s[cl]
-                    us1[cl] = m1s[cl]
+                _copy(us0, m0s, C)
+                _copy(us1, m1s, C)
             for p in range(P):
                 for s in range(R):
                     n0 = (ga + s) * M + c0
@@ -863,12 +862,9 @@ def _vb_pass2(X0, X1, mode, tau, mu_T, obs, Sinv, Sinv_prev, mu_b, mu_b_tau, tra
                 for s in range(R):
                     n0 = (ga + s) * M + c0
                     jb = s * C
-                    a0s, a1s, a2s = l00[jb : jb + C], l01[jb : jb + C], l11[jb : jb + C]
-                    q0s, q1s, q2s = S_q[0, n0 : n0 + C], S_q[1, n0 : n0 + C], S_q[2, n0 : n0 + C]
-                    for cl in range(C):
-                        a0s[cl] = q0s[cl]
-                        a1s[cl] = q1s[cl]
-                        a2s[cl] = q2s[cl]
+                    _copy(l00[jb : jb + C], S_q[0, n0 : n0 + C], C)
+                    _copy(l01[jb : jb + C], S_q[1, n0 : n0 + C], C)
+                    _copy(l11[jb : jb + C], S_q[2, n0 : n0 + C], C)
             elif robust:
                 # q(T~)'s current covariance, from the values it was computed with
                 for j in range(B):
@@ -1231,7 +1227,7 @@ def _refresh_prior(prob: "Problem", st: "VBState") -> None:
 def prior_mean_of(prob: "Problem", st: "VBState") -> np.ndarray:
     """The spatial prior's mean Phi mu_W + m = Psi v_W + m, (D, N) float64 (for checks and outputs)."""
     out = np.empty((prob.kd.dim, prob.n_voxels))
-    prob.basis.expand_eig_into(st.v_W, st.m, out.reshape((prob.kd.dim,) + prob.shape), threads=get_num_threads())
+    _prior_mean(prob.basis, st.v_W, st.m, out)
     return out
 
 
@@ -1678,9 +1674,10 @@ def solve(prob: Problem, config: Config, *, max_iter: int = 200, tol: float = 1e
         raise ConfigError(f"max_iter must be at least 1, got {max_iter}")
     st = state if state is not None else _init_state(prob, config, _storage_dtype(config, prob.kd))
     converged, reason = False, f"max_iter ({max_iter}) reached"
-    # BLAS on one thread while iterating: the mode products run on get_num_threads() threads of
-    # their own (KroneckerBasis.expand_eig_into), and OpenBLAS's idle threads spin after each
-    # call, taking the cores from the numba pass that follows (0.40 s against 0.33 s per pass)
+    # BLAS on one thread while iterating: the mode products on the small stack run on
+    # get_num_threads() threads of their own (KroneckerBasis.expand_rest_eig, project_rest_eig),
+    # and OpenBLAS's idle threads spin after each call, taking the cores from the numba pass
+    # that follows (0.40 s against 0.33 s per pass)
     # E[tau] (robust, D = 2) is stored only by the last iteration: the one max_iter makes last,
     # or one more after the stop rule is met (never beyond max_iter)
     final = False
